@@ -1,0 +1,102 @@
+"""The ``acrrelay`` command: tools around the relay (the relay itself runs under ``twist``).
+
+acrrelay check-config etc/acrrelay.toml [--listen E] [--route N=B] [--acr REGION]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from typing import TextIO
+
+from acrrelay import __version__
+from acrrelay.config import ConfigError, Overlay, RelayConfig, format_duration, load_config
+
+__all__ = ["format_config", "main"]
+
+
+def format_config(config: RelayConfig) -> str:
+    """A readable summary: settings, listeners, and the expanded route table."""
+    lines = [
+        f"{config.source}: OK",
+        "",
+        "settings:",
+        f"  peek_timeout     {format_duration(config.peek_timeout)}",
+        f"  peek_limit       {config.peek_limit} bytes",
+        f"  connect_timeout  {format_duration(config.connect_timeout)}",
+        f"  idle_timeout     {format_duration(config.idle_timeout)}",
+        f"  buffer_size      {config.buffer_size} bytes per direction",
+        f"  access_log       {config.access_log or 'off'}",
+        "",
+        "listeners:",
+    ]
+    for listener in config.listeners:
+        target = (
+            f"resolve routes connect to port {listener.target_port}"
+            if listener.target_port
+            else "resolve routes connect to the port the client reached"
+        )
+        name = "" if listener.name == listener.endpoint else f"  ({listener.name})"
+        lines.append(f"  {listener.endpoint}{name}: {target}")
+    lines += [
+        "",
+        f"routes ({len(config.routes)}; most specific wins: "
+        "exact, then first-label *, then *.suffix):",
+    ]
+    width = max(len(r.name) for r in config.routes)
+    backend_width = max(len(r.backend) for r in config.routes)
+    lines.append(f"  {'NAME':<{width}}  {'BACKEND':<{backend_width}}  SERVICE   FROM")
+    for route in config.routes:
+        lines.append(
+            f"  {route.name:<{width}}  {route.backend:<{backend_width}}  "
+            f"{route.service:<8}  {route.origin}"
+        )
+    if config.hosts:
+        lines += ["", "static hosts (used by resolve routes before DNS):"]
+        for name, addresses in sorted(config.hosts.items()):
+            lines.append(f"  {name}  {' '.join(addresses)}")
+    return "\n".join(lines) + "\n"
+
+
+def _check_config(args: argparse.Namespace, out: TextIO) -> int:
+    overlay = Overlay(listen=tuple(args.listen), route=tuple(args.route), acr=tuple(args.acr))
+    config = load_config(args.file, overlay)
+    out.write(format_config(config))
+    return 0
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="acrrelay",
+        description="Tools for acrrelay. Run the relay itself with: twist acrrelay --config FILE",
+    )
+    parser.add_argument("--version", action="version", version=f"acrrelay {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    check = commands.add_parser(
+        "check-config",
+        help="validate a configuration and print the expanded route table",
+        description="Validate FILE (plus any flags, as twist would apply them) and print "
+        "the settings, listeners and the expanded route table. Exits 1 on the first mistake.",
+    )
+    check.add_argument("file", metavar="FILE", nargs="?", help="TOML configuration file")
+    check.add_argument("--listen", action="append", default=[], metavar="ENDPOINT")
+    check.add_argument("--route", action="append", default=[], metavar="NAME=BACKEND")
+    check.add_argument("--acr", action="append", default=[], metavar="REGION")
+    check.set_defaults(run=_check_config)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
+    """Run the command; returns the exit status (also the console script's)."""
+    args = _parser().parse_args(argv)
+    try:
+        status: int = args.run(args, out or sys.stdout)
+    except ConfigError as e:
+        print(f"acrrelay: {e}", file=sys.stderr)
+        return 1
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,363 @@
+"""An incremental TLS ClientHello reader: just enough TLS to learn where a connection goes.
+
+The reader is fed whatever bytes the socket produced, in any split. It reassembles
+the handshake across TCP reads *and* across TLS records, and answers with one of:
+
+- ``NEED_MORE``: give me more bytes;
+- a :class:`NotTLS`: the first bytes are not a TLS handshake record (for example an
+  HTTP request, or an SSLv2-style hello), so another front door may claim them;
+- a :class:`ClientHello`: the parsed hello, with its server name (SNI), ALPN list,
+  size and record count.
+
+Malformed or oversized input raises :class:`ClientHelloError` and nothing else. The
+reader never buffers more than its ``limit`` (16 KiB by default), record headers
+included, and its cost is linear in the bytes fed, however they are split.
+
+This module is pure: no reactor, no sockets, no Twisted.
+"""
+
+from __future__ import annotations
+
+from typing import Final, final
+
+import attrs
+
+__all__ = [
+    "DEFAULT_LIMIT",
+    "NEED_MORE",
+    "ClientHello",
+    "ClientHelloError",
+    "ClientHelloReader",
+    "NeedMore",
+    "NotTLS",
+    "parse_client_hello",
+]
+
+DEFAULT_LIMIT: Final = 16 * 1024
+
+_CONTENT_HANDSHAKE: Final = 22
+_HANDSHAKE_CLIENT_HELLO: Final = 1
+_RECORD_HEADER: Final = 5
+# RFC 8446 5.1: a plaintext record fragment is at most 2^14 bytes.
+_MAX_FRAGMENT: Final = 1 << 14
+
+_EXT_SERVER_NAME: Final = 0
+_EXT_ALPN: Final = 16
+_EXT_SUPPORTED_VERSIONS: Final = 43
+_EXT_ENCRYPTED_CLIENT_HELLO: Final = 0xFE0D
+
+_HOSTNAME_CHARS: Final = frozenset(
+    b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_."
+)
+
+
+class ClientHelloError(ValueError):
+    """The bytes are TLS but not an acceptable ClientHello.
+
+    ``reason`` is a short stable token for counters and logs: ``malformed`` or
+    ``too_large``. The message says what was wrong without quoting payload.
+    """
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+@final
+class NeedMore:
+    """The reader needs more bytes before it can decide."""
+
+    _instance: NeedMore | None = None
+
+    def __new__(cls) -> NeedMore:
+        if cls._instance is None:
+            cls._instance = super().__new__(cls)
+        return cls._instance
+
+    def __repr__(self) -> str:
+        return "NEED_MORE"
+
+
+NEED_MORE: Final = NeedMore()
+
+
+@attrs.frozen
+class NotTLS:
+    """The stream does not start with a TLS handshake record.
+
+    ``detail`` says why, for the log (``sslv2`` for an SSLv2-style hello).
+    """
+
+    detail: str
+
+
+@attrs.frozen
+class ClientHello:
+    """What the relay learns from a ClientHello. Values only; never payload."""
+
+    #: The host_name from the server_name extension, lower-cased; None without SNI.
+    server_name: str | None
+    #: ALPN protocol names offered, in the client's order.
+    alpn: tuple[str, ...]
+    #: Size of the handshake message, header included.
+    size: int
+    #: How many TLS records carried it.
+    records: int
+    #: Bytes consumed from the stream to read it (records with headers).
+    stream_bytes: int
+    #: Whether the client offered TLS 1.3 (supported_versions lists 0x0304).
+    tls13: bool
+    #: Whether an encrypted_client_hello extension is present; the SNI is then the outer one.
+    ech: bool
+
+
+class ClientHelloReader:
+    """Reassembles one ClientHello from a byte stream fed in arbitrary pieces.
+
+    Call :meth:`feed` with each piece. Once it has returned a :class:`ClientHello`
+    or a :class:`NotTLS`, or raised, the reader is finished and must not be fed again.
+    """
+
+    def __init__(self, limit: int = DEFAULT_LIMIT) -> None:
+        if limit < 64:
+            raise ValueError("limit must be at least 64 bytes")
+        self._limit = limit
+        self._pending = bytearray()  # bytes of the record being read
+        self._handshake = bytearray()  # reassembled handshake fragments
+        self._consumed = 0  # complete records taken out of _pending
+        self._records = 0
+        self._done = False
+
+    def feed(self, data: bytes) -> NeedMore | NotTLS | ClientHello:
+        """Take more bytes from the stream and say what is known now."""
+        if self._done:
+            raise RuntimeError("ClientHelloReader was already finished")
+        if not data:
+            return NEED_MORE
+        if self._records == 0 and not self._pending:
+            not_tls = _sniff(data[0])
+            if not_tls is not None:
+                self._done = True
+                return not_tls
+        self._pending += data
+        try:
+            return self._advance()
+        except ClientHelloError:
+            self._done = True
+            raise
+
+    def _advance(self) -> NeedMore | ClientHello:
+        while len(self._pending) >= _RECORD_HEADER:
+            header = self._pending
+            content_type = header[0]
+            length = (header[3] << 8) | header[4]
+            if content_type != _CONTENT_HANDSHAKE:
+                raise ClientHelloError(
+                    "malformed", f"record type {content_type} arrived before the ClientHello ended"
+                )
+            if header[1] != 3:
+                raise ClientHelloError("malformed", f"record version {header[1]}.{header[2]}")
+            if length == 0 or length > _MAX_FRAGMENT:
+                raise ClientHelloError("malformed", f"handshake record length {length}")
+            if self._consumed + _RECORD_HEADER + length > self._limit:
+                raise ClientHelloError(
+                    "too_large", f"ClientHello exceeds the peek limit of {self._limit} bytes"
+                )
+            if len(self._pending) < _RECORD_HEADER + length:
+                return NEED_MORE
+            self._handshake += self._pending[_RECORD_HEADER : _RECORD_HEADER + length]
+            del self._pending[: _RECORD_HEADER + length]
+            self._consumed += _RECORD_HEADER + length
+            self._records += 1
+            hello = self._try_hello()
+            if hello is not None:
+                self._done = True
+                return hello
+        if self._consumed + len(self._pending) > self._limit:
+            raise ClientHelloError(
+                "too_large", f"ClientHello exceeds the peek limit of {self._limit} bytes"
+            )
+        return NEED_MORE
+
+    def _try_hello(self) -> ClientHello | None:
+        hs = self._handshake
+        if len(hs) < 4:
+            return None
+        if hs[0] != _HANDSHAKE_CLIENT_HELLO:
+            raise ClientHelloError("malformed", f"first handshake message has type {hs[0]}")
+        body_length = (hs[1] << 16) | (hs[2] << 8) | hs[3]
+        if 4 + body_length > self._limit:
+            raise ClientHelloError(
+                "too_large",
+                f"ClientHello of {4 + body_length} bytes exceeds the peek limit of {self._limit}",
+            )
+        if len(hs) < 4 + body_length:
+            return None
+        if len(hs) > 4 + body_length:
+            raise ClientHelloError("malformed", "handshake data follows the ClientHello")
+        fields = _parse_body(bytes(hs[4:]))
+        return ClientHello(
+            server_name=fields.server_name,
+            alpn=fields.alpn,
+            size=4 + body_length,
+            records=self._records,
+            stream_bytes=self._consumed,
+            tls13=fields.tls13,
+            ech=fields.ech,
+        )
+
+
+def parse_client_hello(data: bytes, limit: int = DEFAULT_LIMIT) -> NeedMore | NotTLS | ClientHello:
+    """Parse a complete buffer at once; a convenience over :class:`ClientHelloReader`."""
+    return ClientHelloReader(limit).feed(data)
+
+
+def _sniff(first: int) -> NotTLS | None:
+    if first == _CONTENT_HANDSHAKE:
+        return None
+    if first & 0x80:
+        return NotTLS("sslv2")
+    return NotTLS("not a TLS handshake record")
+
+
+@attrs.frozen
+class _Fields:
+    server_name: str | None
+    alpn: tuple[str, ...]
+    tls13: bool
+    ech: bool
+
+
+class _Cursor:
+    """Bounds-checked reads over one buffer; every overrun is a ClientHelloError."""
+
+    __slots__ = ("_buf", "_end", "pos")
+
+    def __init__(self, buf: bytes, start: int = 0, end: int | None = None) -> None:
+        self._buf = buf
+        self.pos = start
+        self._end = len(buf) if end is None else end
+
+    @property
+    def remaining(self) -> int:
+        return self._end - self.pos
+
+    def take(self, n: int, what: str) -> bytes:
+        if n > self.remaining:
+            raise ClientHelloError("malformed", f"truncated {what}")
+        chunk = self._buf[self.pos : self.pos + n]
+        self.pos += n
+        return chunk
+
+    def take_all(self) -> bytes:
+        return self.take(self.remaining, "vector")
+
+    def uint8(self, what: str) -> int:
+        return self.take(1, what)[0]
+
+    def uint16(self, what: str) -> int:
+        b = self.take(2, what)
+        return (b[0] << 8) | b[1]
+
+    def vector(self, length_bytes: int, what: str) -> _Cursor:
+        length = self.uint8(what) if length_bytes == 1 else self.uint16(what)
+        if length > self.remaining:
+            raise ClientHelloError("malformed", f"truncated {what}")
+        sub = _Cursor(self._buf, self.pos, self.pos + length)
+        self.pos += length
+        return sub
+
+
+def _parse_body(body: bytes) -> _Fields:
+    cur = _Cursor(body)
+    version = cur.take(2, "legacy_version")
+    if version[0] != 3:
+        raise ClientHelloError("malformed", f"ClientHello version {version[0]}.{version[1]}")
+    cur.take(32, "random")
+    session_id = cur.vector(1, "session id")
+    if session_id.remaining > 32:
+        raise ClientHelloError("malformed", "session id longer than 32 bytes")
+    suites = cur.vector(2, "cipher suites")
+    if suites.remaining == 0 or suites.remaining % 2:
+        raise ClientHelloError("malformed", "cipher suite list is empty or odd")
+    if cur.vector(1, "compression methods").remaining == 0:
+        raise ClientHelloError("malformed", "compression method list is empty")
+    if cur.remaining == 0:
+        # A hello without extensions (SSLv3 style) is well-formed but carries no SNI.
+        return _Fields(server_name=None, alpn=(), tls13=False, ech=False)
+    extensions = cur.vector(2, "extensions")
+    if cur.remaining:
+        raise ClientHelloError("malformed", "bytes after the extensions block")
+
+    seen: set[int] = set()
+    server_name: str | None = None
+    alpn: tuple[str, ...] = ()
+    tls13 = False
+    ech = False
+    while extensions.remaining:
+        ext_type = extensions.uint16("extension type")
+        data = extensions.vector(2, "extension body")
+        if ext_type in seen:
+            raise ClientHelloError("malformed", f"extension {ext_type} appears twice")
+        seen.add(ext_type)
+        if ext_type == _EXT_SERVER_NAME:
+            server_name = _parse_server_name(data)
+        elif ext_type == _EXT_ALPN:
+            alpn = _parse_alpn(data)
+        elif ext_type == _EXT_SUPPORTED_VERSIONS:
+            tls13 = _offers_tls13(data)
+        elif ext_type == _EXT_ENCRYPTED_CLIENT_HELLO:
+            ech = True
+    return _Fields(server_name=server_name, alpn=alpn, tls13=tls13, ech=ech)
+
+
+def _parse_server_name(data: _Cursor) -> str | None:
+    if data.remaining == 0:
+        # RFC 6066: a server's *reply* carries an empty extension; a client's never should.
+        raise ClientHelloError("malformed", "empty server_name extension")
+    names = data.vector(2, "server name list")
+    if data.remaining:
+        raise ClientHelloError("malformed", "bytes after the server name list")
+    host: str | None = None
+    seen_types: set[int] = set()
+    while names.remaining:
+        name_type = names.uint8("server name type")
+        name = names.vector(2, "server name").take_all()
+        if name_type in seen_types:
+            raise ClientHelloError("malformed", "server name list repeats a name type")
+        seen_types.add(name_type)
+        if name_type == 0:
+            host = _decode_host_name(name)
+    return host
+
+
+def _decode_host_name(raw: bytes) -> str:
+    if not raw:
+        raise ClientHelloError("malformed", "empty host_name")
+    if len(raw) > 255 or not _HOSTNAME_CHARS.issuperset(raw):
+        raise ClientHelloError("malformed", "host_name is not a DNS host name")
+    return raw.decode("ascii").lower()
+
+
+def _parse_alpn(data: _Cursor) -> tuple[str, ...]:
+    protocols = data.vector(2, "ALPN list")
+    if data.remaining:
+        raise ClientHelloError("malformed", "bytes after the ALPN list")
+    out: list[str] = []
+    while protocols.remaining:
+        name = protocols.vector(1, "ALPN protocol").take_all()
+        if not name:
+            raise ClientHelloError("malformed", "empty ALPN protocol name")
+        out.append(name.decode("latin-1"))
+    if not out:
+        raise ClientHelloError("malformed", "empty ALPN list")
+    return tuple(out)
+
+
+def _offers_tls13(data: _Cursor) -> bool:
+    versions = data.vector(1, "supported versions")
+    offered = False
+    while versions.remaining:
+        if versions.uint16("supported version") == 0x0304:
+            offered = True
+    return offered

@@ -1,0 +1,572 @@
+"""Configuration: TOML (and command-line flags) into one frozen, validated value.
+
+Every mistake raises :class:`ConfigError`, whose text is one line naming the
+source, the key and what was expected, for example::
+
+    etc/acrrelay.toml: relay.idle_timeout: expected a duration such as "90s", "15m"
+    or "1h30m", got "soon"
+
+(on one line).
+
+Unknown keys are rejected, with a suggestion where one is close. The schema is
+documented in ``etc/acrrelay.toml``.
+
+This module needs no reactor; endpoint strings are checked by :mod:`acrrelay.endpoints`.
+"""
+
+from __future__ import annotations
+
+import difflib
+import ipaddress
+import re
+import tomllib
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from types import MappingProxyType
+from typing import Any, Final, TypeVar
+
+import attrs
+
+from acrrelay import catalogue
+from acrrelay.endpoints import EndpointError, check_client_endpoint, check_server_endpoint
+from acrrelay.routing import (
+    RESOLVE,
+    InvalidName,
+    Route,
+    RouteConflict,
+    RouteTable,
+    normalize_name,
+    parse_pattern,
+)
+
+__all__ = [
+    "AcrConfig",
+    "ConfigError",
+    "ListenerConfig",
+    "Overlay",
+    "RelayConfig",
+    "format_duration",
+    "load_config",
+    "parse_config",
+    "parse_duration",
+    "parse_size",
+]
+
+T = TypeVar("T")
+
+COMMAND_LINE: Final = "command line"
+
+
+class ConfigError(Exception):
+    """A configuration mistake: which source, which key, what was expected."""
+
+    def __init__(self, source: str, key: str, message: str) -> None:
+        self.source = source
+        self.key = key
+        self.message = message
+        where = f"{source}: {key}: " if key else f"{source}: "
+        super().__init__(where + message)
+
+
+# ---------------------------------------------------------------- values
+
+
+_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)")
+_DURATION_UNITS: Final = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+_SIZE = re.compile(r"(\d+)\s*(B|KiB|MiB|GiB)?\Z")
+_SIZE_UNITS: Final = {None: 1, "B": 1, "KiB": 1 << 10, "MiB": 1 << 20, "GiB": 1 << 30}
+
+
+def parse_duration(value: object) -> float:
+    """Seconds from ``"10s"``, ``"15m"``, ``"1h30m"``, ``"250ms"`` or a number of seconds."""
+    if isinstance(value, bool):
+        raise ValueError("expected a duration, got a boolean")
+    if isinstance(value, int | float):
+        if value < 0:
+            raise ValueError(f"expected a duration of zero or more seconds, got {value}")
+        return float(value)
+    if isinstance(value, str):
+        text = value.strip().replace(" ", "")
+        pos, total = 0, 0.0
+        for m in _DURATION_PART.finditer(text):
+            if m.start() != pos:
+                break
+            total += float(m.group(1)) * _DURATION_UNITS[m.group(2)]
+            pos = m.end()
+        if text and pos == len(text):
+            return total
+    raise ValueError(f'expected a duration such as "90s", "15m" or "1h30m", got {_show(value)}')
+
+
+def format_duration(seconds: float) -> str:
+    """The inverse of :func:`parse_duration` for display: 900.0 -> "15m"."""
+    if seconds and seconds < 1:
+        return f"{seconds * 1000:g}ms"
+    out = []
+    rest = int(seconds)
+    for unit, size in (("h", 3600), ("m", 60)):
+        if rest >= size:
+            out.append(f"{rest // size}{unit}")
+            rest %= size
+    frac = seconds - int(seconds)
+    if rest or frac or not out:
+        out.append(f"{rest + frac:g}s")
+    return "".join(out)
+
+
+def parse_size(value: object) -> int:
+    """Bytes from an integer or ``"16KiB"``, ``"1MiB"``."""
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return value
+    if isinstance(value, str):
+        m = _SIZE.match(value.strip())
+        if m:
+            return int(m.group(1)) * _SIZE_UNITS[m.group(2)]
+    raise ValueError(f'expected a size such as 16384, "16KiB" or "1MiB", got {_show(value)}')
+
+
+def _show(value: object) -> str:
+    if isinstance(value, str):
+        return f'"{value}"'
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, dict):
+        return "a table"
+    if isinstance(value, list):
+        return "an array"
+    return repr(value)
+
+
+# ---------------------------------------------------------------- the value
+
+
+@attrs.frozen
+class ListenerConfig:
+    """One listening endpoint."""
+
+    #: A Twisted server endpoint string, for example ``tcp:8443:interface=0.0.0.0``.
+    endpoint: str
+    #: A short name for logs and metrics; defaults to the endpoint string.
+    name: str
+    #: The port that ``resolve`` backends connect to. None: the port the client reached.
+    target_port: int | None = None
+
+
+@attrs.frozen
+class AcrConfig:
+    """One ``[[acr]]`` table (or ``--acr REGION``): a region's names and their backend."""
+
+    region: str
+    networks: tuple[catalogue.Network, ...] = catalogue.NETWORKS
+    backend: str = RESOLVE
+    origin: str = ""
+
+
+@attrs.frozen
+class RelayConfig:
+    """The whole, validated configuration. Build it with :func:`load_config`."""
+
+    #: Where it came from, for messages: a file path and/or "command line".
+    source: str
+    listeners: tuple[ListenerConfig, ...]
+    #: Every route, explicit and expanded from ``acr``, in definition order.
+    routes: tuple[Route, ...]
+    acr: tuple[AcrConfig, ...] = ()
+    #: Static name -> addresses for ``resolve`` backends, consulted before DNS.
+    hosts: Mapping[str, tuple[str, ...]] = attrs.field(
+        factory=lambda: MappingProxyType({}), eq=False
+    )
+    peek_timeout: float = 10.0
+    peek_limit: int = 16 * 1024
+    connect_timeout: float = 10.0
+    idle_timeout: float = 15 * 60.0
+    #: Per-direction high-water mark: a side stops reading once this much waits to be written.
+    buffer_size: int = 64 * 1024
+    #: "-" for standard output, a file path, or None for no access log.
+    access_log: str | None = "-"
+
+    def route_table(self) -> RouteTable:
+        return RouteTable(self.routes)
+
+
+@attrs.frozen
+class Overlay:
+    """Command-line additions on top of (or instead of) a file."""
+
+    listen: tuple[str, ...] = ()
+    route: tuple[str, ...] = ()
+    acr: tuple[str, ...] = ()
+    access_log: str | None = None
+
+
+# ---------------------------------------------------------------- reading
+
+
+_RELAY_KEYS: Final = (
+    "peek_timeout",
+    "peek_limit",
+    "connect_timeout",
+    "idle_timeout",
+    "buffer_size",
+    "access_log",
+)
+
+
+class _Table:
+    """Typed, tracked access to one TOML table; leftovers are unknown keys."""
+
+    def __init__(self, source: str, path: str, data: object) -> None:
+        self.source = source
+        self.path = path
+        if not isinstance(data, dict):
+            raise ConfigError(source, path, f"expected a table, got {_show(data)}")
+        self._data: dict[str, Any] = data
+        self._used: set[str] = set()
+
+    def key(self, name: str) -> str:
+        return f"{self.path}.{name}" if self.path else name
+
+    def error(self, name: str, message: str) -> ConfigError:
+        return ConfigError(self.source, self.key(name), message)
+
+    def has(self, name: str) -> bool:
+        return name in self._data
+
+    def get(self, name: str, convert: Callable[[Any], T], default: T) -> T:
+        self._used.add(name)
+        if name not in self._data:
+            return default
+        return self._convert(name, convert)
+
+    def require(self, name: str, convert: Callable[[Any], T]) -> T:
+        self._used.add(name)
+        if name not in self._data:
+            raise ConfigError(self.source, self.path, f"missing required key {name!r}")
+        return self._convert(name, convert)
+
+    def _convert(self, name: str, convert: Callable[[Any], T]) -> T:
+        try:
+            return convert(self._data[name])
+        except ValueError as e:
+            raise self.error(name, str(e)) from None
+
+    def finish(self, allowed: Iterable[str] | None = None) -> None:
+        known = set(allowed) if allowed is not None else self._used
+        for name in self._data:
+            if name not in known:
+                close = difflib.get_close_matches(name, sorted(known), n=1)
+                hint = f" (did you mean {close[0]!r}?)" if close else ""
+                expected = ", ".join(sorted(known)) or "nothing"
+                raise self.error(name, f"unknown key{hint}; expected one of: {expected}")
+
+
+def _string(value: object) -> str:
+    if not isinstance(value, str):
+        raise ValueError(f"expected a string, got {_show(value)}")
+    return value
+
+
+def _port(value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 65535:
+        raise ValueError(f"expected a port number from 1 to 65535, got {_show(value)}")
+    return value
+
+
+def _server_endpoint(value: object) -> str:
+    text = _string(value)
+    try:
+        check_server_endpoint(text)
+    except EndpointError as e:
+        raise ValueError(f"bad server endpoint: {e}") from None
+    return text
+
+
+def _backend(value: object) -> str:
+    text = _string(value).strip()
+    if text == RESOLVE:
+        return text
+    try:
+        check_client_endpoint(text)
+    except EndpointError as e:
+        raise ValueError(
+            f'bad backend: {e}; expected a client endpoint string or "{RESOLVE}"'
+        ) from None
+    return text
+
+
+def _in_range(low: int, high: int, convert: Callable[[object], int]) -> Callable[[object], int]:
+    def check(value: object) -> int:
+        n = convert(value)
+        if not low <= n <= high:
+            raise ValueError(f"expected between {low} and {high} bytes, got {n}")
+        return n
+
+    return check
+
+
+def _positive_duration(value: object) -> float:
+    seconds = parse_duration(value)
+    if seconds <= 0:
+        raise ValueError(f"expected a duration above zero, got {_show(value)}")
+    return seconds
+
+
+def _access_log(value: object) -> str | None:
+    text = _string(value)
+    if text in ("off", ""):
+        return None
+    return text
+
+
+def _networks(value: object) -> tuple[catalogue.Network, ...]:
+    if not isinstance(value, list) or not value:
+        raise ValueError(
+            f'expected a non-empty array such as ["public", "vpc"], got {_show(value)}'
+        )
+    out: list[catalogue.Network] = []
+    for item in value:
+        network = next((n for n in catalogue.NETWORKS if n == item), None)
+        if network is None:
+            raise ValueError(f'expected "public" or "vpc", got {_show(item)}')
+        if network not in out:
+            out.append(network)
+    return tuple(out)
+
+
+def _addresses(value: object) -> tuple[str, ...]:
+    items = [value] if isinstance(value, str) else value
+    if not isinstance(items, list) or not items:
+        raise ValueError(f"expected an IP address or an array of them, got {_show(value)}")
+    out: list[str] = []
+    for item in items:
+        if not isinstance(item, str):
+            raise ValueError(f"expected an IP address, got {_show(item)}")
+        try:
+            out.append(str(ipaddress.ip_address(item)))
+        except ValueError:
+            raise ValueError(f"expected an IP address, got {_show(item)}") from None
+    return tuple(out)
+
+
+def _array_of_tables(source: str, doc: _Table, name: str) -> list[_Table]:
+    doc._used.add(name)
+    if not doc.has(name):
+        return []
+    items = doc._data[name]
+    if not isinstance(items, list):
+        raise ConfigError(
+            source, name, f"expected an array of tables ([[{name}]]), got {_show(items)}"
+        )
+    return [_Table(source, f"{name}[{i}]", item) for i, item in enumerate(items)]
+
+
+def _read_document(path: str) -> dict[str, Any]:
+    try:
+        with open(path, "rb") as f:
+            return tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError(path, "", "no such file") from None
+    except IsADirectoryError:
+        raise ConfigError(path, "", "is a directory, not a TOML file") from None
+    except PermissionError:
+        raise ConfigError(path, "", "permission denied") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(path, "", f"not valid TOML: {e}") from None
+    except OSError as e:
+        raise ConfigError(path, "", f"cannot read: {e.strerror or e}") from None
+
+
+def load_config(path: str | None = None, overlay: Overlay | None = None) -> RelayConfig:
+    """Read ``path`` (if given), apply command-line ``overlay``, validate, and expand.
+
+    Raises :class:`ConfigError` for any mistake.
+    """
+    overlay = overlay or Overlay()
+    source = path if path is not None else COMMAND_LINE
+    document = _read_document(path) if path is not None else {}
+    return _build(source, document, overlay)
+
+
+def parse_config(
+    text: str, source: str = "<string>", overlay: Overlay | None = None
+) -> RelayConfig:
+    """Like :func:`load_config`, from TOML text (for embedding and tests)."""
+    try:
+        document = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(source, "", f"not valid TOML: {e}") from None
+    return _build(source, document, overlay or Overlay())
+
+
+def _build(source: str, document: dict[str, Any], overlay: Overlay) -> RelayConfig:
+    doc = _Table(source, "", document)
+
+    relay = _Table(source, "relay", document.get("relay", {}))
+    doc._used.add("relay")
+    settings: dict[str, Any] = {
+        "peek_timeout": relay.get("peek_timeout", _positive_duration, 10.0),
+        "peek_limit": relay.get("peek_limit", _in_range(1024, 64 * 1024, parse_size), 16 * 1024),
+        "connect_timeout": relay.get("connect_timeout", _positive_duration, 10.0),
+        "idle_timeout": relay.get("idle_timeout", _positive_duration, 900.0),
+        "buffer_size": relay.get(
+            "buffer_size", _in_range(4 * 1024, 16 << 20, parse_size), 64 * 1024
+        ),
+        "access_log": relay.get("access_log", _access_log, _access_log("-")),
+    }
+    relay.finish(_RELAY_KEYS)
+    if overlay.access_log is not None:
+        settings["access_log"] = _access_log(overlay.access_log)
+
+    listeners = _listeners(source, doc, overlay)
+    acr = _acr_tables(source, doc, overlay)
+    explicit = _explicit_routes(source, doc, overlay)
+    hosts = _hosts(source, doc)
+    doc.finish(("relay", "listen", "route", "acr", "resolver"))
+
+    routes = _expand(explicit, acr)
+    if not listeners:
+        raise ConfigError(source, "listen", "no listeners: add a [[listen]] table or --listen")
+    if not routes:
+        raise ConfigError(
+            source, "route", "no routes: add [[route]] or [[acr]] tables, --route or --acr"
+        )
+    flags = overlay.listen or overlay.route or overlay.acr or overlay.access_log is not None
+    if flags and source != COMMAND_LINE:
+        source = f"{source} + {COMMAND_LINE}"
+    return RelayConfig(
+        source=source,
+        listeners=listeners,
+        routes=routes,
+        acr=tuple(acr),
+        hosts=MappingProxyType(hosts),
+        **settings,
+    )
+
+
+def _listeners(source: str, doc: _Table, overlay: Overlay) -> tuple[ListenerConfig, ...]:
+    out: list[ListenerConfig] = []
+    for table in _array_of_tables(source, doc, "listen"):
+        endpoint = table.require("endpoint", _server_endpoint)
+        listener = ListenerConfig(
+            endpoint=endpoint,
+            name=table.get("name", _string, endpoint),
+            target_port=table.get("target_port", _port, None),
+        )
+        table.finish(("endpoint", "name", "target_port"))
+        out.append(_unique_listener(out, listener, table.source, table.path))
+    for text in overlay.listen:
+        try:
+            endpoint = _server_endpoint(text)
+        except ValueError as e:
+            raise ConfigError(COMMAND_LINE, f"--listen {text}", str(e)) from None
+        listener = ListenerConfig(endpoint=endpoint, name=endpoint)
+        out.append(_unique_listener(out, listener, COMMAND_LINE, f"--listen {text}"))
+    return tuple(out)
+
+
+def _unique_listener(
+    existing: Sequence[ListenerConfig], new: ListenerConfig, source: str, key: str
+) -> ListenerConfig:
+    for other in existing:
+        if other.endpoint == new.endpoint:
+            raise ConfigError(source, key, f"endpoint {new.endpoint!r} is already listed")
+        if other.name == new.name:
+            raise ConfigError(source, key, f"listener name {new.name!r} is already used")
+    return new
+
+
+def _acr_tables(source: str, doc: _Table, overlay: Overlay) -> list[AcrConfig]:
+    out: list[AcrConfig] = []
+    items: list[tuple[str, str, AcrConfig]] = []
+    for table in _array_of_tables(source, doc, "acr"):
+        region = table.require("region", _string)
+        item = AcrConfig(
+            region=region,
+            networks=table.get("networks", _networks, catalogue.NETWORKS),
+            backend=table.get("backend", _backend, RESOLVE),
+            origin=f"acr {region}",
+        )
+        table.finish(("region", "networks", "backend"))
+        items.append((source, table.key("region"), item))
+    for region in overlay.acr:
+        items.append(
+            (COMMAND_LINE, f"--acr {region}", AcrConfig(region=region, origin=f"acr {region}"))
+        )
+    for src, key, item in items:
+        try:
+            catalogue.acr_entries(item.region, item.networks)
+        except catalogue.UnknownRegion as e:
+            raise ConfigError(src, key, str(e)) from None
+        if any(other.region == item.region for other in out):
+            raise ConfigError(src, key, f"region {item.region} is already listed")
+        out.append(item)
+    return out
+
+
+def _explicit_routes(source: str, doc: _Table, overlay: Overlay) -> list[tuple[str, str, Route]]:
+    out: list[tuple[str, str, Route]] = []
+    for i, table in enumerate(_array_of_tables(source, doc, "route")):
+        name = table.require("name", _string)
+        backend = table.require("backend", _backend)
+        table.finish(("name", "backend"))
+        try:
+            pattern = parse_pattern(name)
+        except InvalidName as e:
+            raise table.error("name", str(e)) from None
+        origin = f"route[{i}]" if source == COMMAND_LINE else f"{source} route[{i}]"
+        out.append((source, table.key("name"), Route(pattern, backend, "custom", origin)))
+    for text in overlay.route:
+        key = f"--route {text}"
+        name, sep, backend_text = text.partition("=")
+        if not sep or not name.strip() or not backend_text.strip():
+            raise ConfigError(COMMAND_LINE, key, "expected NAME=BACKEND, e.g. a.example=resolve")
+        try:
+            pattern = parse_pattern(name)
+            backend = _backend(backend_text)
+        except ValueError as e:
+            raise ConfigError(COMMAND_LINE, key, str(e)) from None
+        out.append((COMMAND_LINE, key, Route(pattern, backend, "custom", key)))
+    # Catch duplicates here, where the key that repeats is still known.
+    seen: dict[str, Route] = {}
+    for src, key, route in out:
+        earlier = seen.get(route.pattern.text)
+        if earlier is not None:
+            try:
+                RouteTable([earlier, route])
+            except RouteConflict as e:
+                raise ConfigError(src, key, str(e)) from None
+        seen[route.pattern.text] = route
+    return out
+
+
+def _expand(explicit: list[tuple[str, str, Route]], acr: list[AcrConfig]) -> tuple[Route, ...]:
+    """Explicit routes first; catalogue entries fill in names no explicit route claims."""
+    routes = [route for _, _, route in explicit]
+    claimed = {route.pattern.text for route in routes}
+    for item in acr:
+        for entry in catalogue.acr_entries(item.region, item.networks):
+            pattern = parse_pattern(entry.pattern)
+            if pattern.text in claimed:
+                continue
+            claimed.add(pattern.text)
+            routes.append(Route(pattern, item.backend, entry.service, item.origin))
+    return tuple(routes)
+
+
+def _hosts(source: str, doc: _Table) -> dict[str, tuple[str, ...]]:
+    doc._used.add("resolver")
+    if not doc.has("resolver"):
+        return {}
+    resolver = _Table(source, "resolver", doc._data["resolver"])
+    raw: object = resolver.get("hosts", lambda v: v, {})
+    resolver.finish(("hosts",))
+    hosts_table = _Table(source, "resolver.hosts", raw)
+    out: dict[str, tuple[str, ...]] = {}
+    for name in list(hosts_table._data):
+        try:
+            host = normalize_name(name)
+        except InvalidName as e:
+            raise hosts_table.error(name, f"not a host name: {e}") from None
+        if host in out:
+            raise hosts_table.error(name, f"{host} is listed twice")
+        out[host] = hosts_table.get(name, _addresses, ())
+    return out

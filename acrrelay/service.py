@@ -1,0 +1,136 @@
+"""The library entry point: a Twisted service that runs the relay.
+
+Embed it in any Twisted program::
+
+    from twisted.internet import reactor
+    from acrrelay import load_config, make_relay_service
+
+    service = make_relay_service(load_config("etc/acrrelay.toml"), reactor)
+    service.startService()        # raises ListenError if a port cannot be bound
+    reactor.run()
+
+The service binds its listeners in ``privilegedStartService`` (so ``twistd`` can
+bind 443 before dropping privileges) or, failing that, in ``startService``. A
+listener that cannot bind raises :class:`ListenError` there, naming the
+endpoint and the reason; nothing is left half-bound.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.application.service import MultiService
+from twisted.internet import defer, error
+from twisted.internet.endpoints import serverFromString
+from twisted.internet.interfaces import IListeningPort
+from twisted.logger import ILogObserver, Logger
+from twisted.python.failure import Failure
+
+from acrrelay.config import ListenerConfig, RelayConfig
+from acrrelay.peek import RelayFactory
+from acrrelay.relay import Relay
+
+__all__ = ["ListenError", "RelayService", "make_relay_service"]
+
+
+class ListenError(Exception):
+    """A listener could not be bound. The message names the endpoint and the reason."""
+
+
+class RelayService(MultiService):
+    """Runs a :class:`~acrrelay.relay.Relay` on every configured listener."""
+
+    _log = Logger()
+
+    def __init__(
+        self,
+        config: RelayConfig,
+        reactor: Any,
+        *,
+        access_observer: ILogObserver | None = None,
+    ) -> None:
+        super().__init__()
+        self.reactor = reactor
+        self.config = config
+        self.relay = Relay(config, reactor, access_observer=access_observer)
+        self.ports: list[IListeningPort] = []
+        self._bound = False
+        self._pending: list[defer.Deferred[IListeningPort]] = []
+
+    def privilegedStartService(self) -> None:
+        self._bind()
+        super().privilegedStartService()
+
+    def startService(self) -> None:
+        self._bind()
+        self.relay.open()
+        super().startService()
+        for port, listener in zip(self.ports, self.config.listeners, strict=False):
+            self._log.info(
+                "listening on {address} ({listener}) with {routes} routes",
+                address=port.getHost(),
+                listener=listener.name,
+                routes=len(self.config.routes),
+            )
+
+    @defer.inlineCallbacks
+    def stopService(self):  # type: ignore[no-untyped-def]
+        yield super().stopService()
+        ports, self.ports = self.ports, []
+        self._bound = False
+        yield defer.gatherResults([defer.maybeDeferred(p.stopListening) for p in ports])
+        self.relay.close()
+
+    def addresses(self) -> list[Any]:
+        """The bound addresses, in listener order (port 0 shows the port chosen)."""
+        return [port.getHost() for port in self.ports]
+
+    def _bind(self) -> None:
+        if self._bound:
+            return
+        self._bound = True
+        for listener in self.config.listeners:
+            try:
+                self.ports.append(self._listen_now(listener))
+            except ListenError:
+                for port in self.ports:
+                    port.stopListening()
+                self.ports = []
+                self._bound = False
+                raise
+
+    def _listen_now(self, listener: ListenerConfig) -> IListeningPort:
+        endpoint = serverFromString(self.reactor, listener.endpoint)
+        outcome: list[IListeningPort | Failure] = []
+        d = endpoint.listen(RelayFactory(self.relay, listener))
+        d.addBoth(outcome.append)
+        if not outcome:
+            # Standard endpoints bind synchronously; anything else must not leave us guessing.
+            d.cancel()
+            raise ListenError(f"cannot listen on {listener.endpoint}: it did not bind at once")
+        result = outcome[0]
+        if isinstance(result, Failure):
+            raise ListenError(f"cannot listen on {listener.endpoint}: {_why(result)}")
+        return result
+
+
+def _why(failure: Failure) -> str:
+    value = failure.value
+    if isinstance(value, error.CannotListenError) and isinstance(value.socketError, OSError):
+        return (value.socketError.strerror or str(value.socketError)).lower()
+    return failure.getErrorMessage().strip() or type(value).__name__
+
+
+def make_relay_service(
+    config: RelayConfig,
+    reactor: Any,
+    *,
+    access_observer: ILogObserver | None = None,
+) -> RelayService:
+    """Build the relay service for ``config`` on ``reactor``.
+
+    ``access_observer`` receives one ``twisted.logger`` event per connection (see
+    :mod:`acrrelay.accesslog` for the fields); by default the events are written as
+    JSON lines to ``config.access_log``.
+    """
+    return RelayService(config, reactor, access_observer=access_observer)

@@ -1,0 +1,84 @@
+"""twistd / twist glue: options, and a service that exits cleanly when it cannot start.
+
+twist acrrelay --config etc/acrrelay.toml
+twist acrrelay --listen tcp:8443 --acr cn-beijing --route registry.example=resolve
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.application.service import IService
+from twisted.python import usage
+
+from acrrelay.config import ConfigError, Overlay, load_config
+from acrrelay.service import ListenError, RelayService
+
+__all__ = ["Options", "makeService"]
+
+
+class Options(usage.Options):
+    synopsis = "[--config FILE] [--listen ENDPOINT]... [--route NAME=BACKEND]... [--acr REGION]..."
+    longdesc = (
+        "Relay TLS (by SNI) to Alibaba Cloud Container Registry and its token and OSS "
+        "services. Flags add to --config, or replace it for a quick start."
+    )
+    optParameters = [
+        ["config", "c", None, "TOML configuration file (see etc/acrrelay.toml)."],
+        ["access-log", None, None, 'Access log: "-" for stdout, a file path, or "off".'],
+    ]
+
+    def __init__(self) -> None:
+        super().__init__()
+        self["listen"] = []
+        self["route"] = []
+        self["acr"] = []
+
+    def opt_listen(self, endpoint: str) -> None:
+        """Listen on a server endpoint string, e.g. tcp:8443 (repeatable)."""
+        self["listen"].append(endpoint)
+
+    def opt_route(self, route: str) -> None:
+        """Route NAME (exact or *.suffix) to BACKEND (endpoint string or 'resolve'),
+        written NAME=BACKEND (repeatable)."""
+        self["route"].append(route)
+
+    def opt_acr(self, region: str) -> None:
+        """Route all ACR names of REGION (registry, token service, OSS) with
+        backend 'resolve' (repeatable)."""
+        self["acr"].append(region)
+
+    def overlay(self) -> Overlay:
+        return Overlay(
+            listen=tuple(self["listen"]),
+            route=tuple(self["route"]),
+            acr=tuple(self["acr"]),
+            access_log=self["access-log"],
+        )
+
+
+class _ExitingRelayService(RelayService):
+    """As run by twist(d): a start-up failure is one line on stderr and a non-zero exit."""
+
+    def privilegedStartService(self) -> None:
+        try:
+            super().privilegedStartService()
+        except ListenError as e:
+            raise SystemExit(f"acrrelay: {e}") from None
+
+    def startService(self) -> None:
+        try:
+            super().startService()
+        except ListenError as e:
+            raise SystemExit(f"acrrelay: {e}") from None
+
+
+def makeService(options: Options) -> IService:
+    from twisted.internet import reactor
+
+    try:
+        config = load_config(options["config"], options.overlay())
+    except ConfigError as e:
+        raise SystemExit(f"acrrelay: {e}") from None
+    service: Any = _ExitingRelayService(config, reactor)
+    return service  # type: ignore[no-any-return]
