@@ -15,9 +15,10 @@ from __future__ import annotations
 
 import ipaddress
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, NoReturn
 
 from twisted.internet.address import IPv4Address, IPv6Address
+from twisted.internet import defer
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import HostnameEndpoint, clientFromString
 from twisted.internet.interfaces import (
@@ -159,5 +160,11 @@ class BackendConnector:
     ) -> Deferred[IProtocol]:
         """Connect, or fail with the endpoint's error or ``TimeoutError`` after the timeout."""
         d = self.endpoint_for(route, name, port).connect(factory)
-        d.addTimeout(self._timeout, self._reactor)
+        d.addTimeout(self._timeout, self._reactor, onTimeoutCancel=_timed_out)
         return d
+
+
+def _timed_out(result: object, timeout: float) -> NoReturn:
+    # Endpoints fail a cancelled attempt in their own ways (ConnectingCancelledError
+    # for TCP); once our timeout fired, the cause is the timeout, whatever they say.
+    raise defer.TimeoutError(timeout, "backend connection")

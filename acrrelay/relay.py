@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import itertools
 from collections import Counter
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Final
 
 import attrs
@@ -23,7 +24,10 @@ from acrrelay.routing import Policy
 if TYPE_CHECKING:
     from acrrelay.peek import RelayProtocol
 
-__all__ = ["Relay", "RelayStats", "Settings"]
+__all__ = ["AccessObserver", "Relay", "RelayStats", "Settings"]
+
+#: Receives one event per finished connection: an ILogObserver, or any such callable.
+AccessObserver = ILogObserver | Callable[[LogEvent], None]
 
 
 @attrs.frozen
@@ -67,7 +71,7 @@ class Relay:
         config: RelayConfig,
         reactor: Any,
         *,
-        access_observer: ILogObserver | None = None,
+        access_observer: AccessObserver | None = None,
     ) -> None:
         self.reactor = reactor
         self.config = config
@@ -83,7 +87,10 @@ class Relay:
         if access_observer is None and config.access_log is not None:
             self.access_log = AccessLog(config.access_log)
             access_observer = self.access_log
-        self.access = Logger(namespace="acrrelay.access", observer=access_observer or _DISCARD)
+        self.access = Logger(
+            namespace="acrrelay.access",
+            observer=_DISCARD if access_observer is None else access_observer,  # type: ignore[arg-type]
+        )
 
     def next_id(self) -> int:
         return next(self._ids)

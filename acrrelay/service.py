@@ -23,12 +23,12 @@ from twisted.application.service import MultiService
 from twisted.internet import defer, error
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.interfaces import IListeningPort
-from twisted.logger import ILogObserver, Logger
+from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from acrrelay.config import ListenerConfig, RelayConfig
-from acrrelay.peek import RelayFactory
-from acrrelay.relay import Relay
+from acrrelay.peek import RelayFactory, describe
+from acrrelay.relay import AccessObserver, Relay
 
 __all__ = ["ListenError", "RelayService", "make_relay_service"]
 
@@ -40,14 +40,14 @@ class ListenError(Exception):
 class RelayService(MultiService):
     """Runs a :class:`~acrrelay.relay.Relay` on every configured listener."""
 
-    _log = Logger()
+    _log = Logger(namespace="acrrelay.service")
 
     def __init__(
         self,
         config: RelayConfig,
         reactor: Any,
         *,
-        access_observer: ILogObserver | None = None,
+        access_observer: AccessObserver | None = None,
     ) -> None:
         super().__init__()
         self.reactor = reactor
@@ -66,9 +66,10 @@ class RelayService(MultiService):
         self.relay.open()
         super().startService()
         for port, listener in zip(self.ports, self.config.listeners, strict=False):
+            # Tests and scripts read "listening on HOST:PORT" to learn a port-0 listener's port.
             self._log.info(
                 "listening on {address} ({listener}) with {routes} routes",
-                address=port.getHost(),
+                address=describe(port.getHost()),
                 listener=listener.name,
                 routes=len(self.config.routes),
             )
@@ -125,7 +126,7 @@ def make_relay_service(
     config: RelayConfig,
     reactor: Any,
     *,
-    access_observer: ILogObserver | None = None,
+    access_observer: AccessObserver | None = None,
 ) -> RelayService:
     """Build the relay service for ``config`` on ``reactor``.
 

@@ -1,0 +1,166 @@
+"""Layer 3: the plugin, the options, and the service on a MemoryReactor."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+import pytest
+from twisted.application.service import IServiceMaker
+from twisted.internet.error import CannotListenError
+from twisted.internet.testing import MemoryReactorClock, RaisingMemoryReactor
+from twisted.plugin import getPlugins
+
+from acrrelay import ListenError, RelayFactory, make_relay_service, parse_config
+from acrrelay.tap import Options, makeService
+
+CONFIG = """
+[[listen]]
+endpoint = "tcp:8443:interface=127.0.0.1"
+name = "tls"
+[[listen]]
+endpoint = "tcp:9443"
+[[acr]]
+region = "cn-beijing"
+"""
+
+
+def test_plugin_is_discovered() -> None:
+    """Twisted's plugin system finds exactly one acrrelay service maker."""
+    makers = [m for m in getPlugins(IServiceMaker) if m.tapname == "acrrelay"]
+    assert len(makers) == 1
+    assert makers[0].options is Options
+
+
+def test_plugin_module_imports_nothing_of_ours() -> None:
+    """Loading the plugin module must not import acrrelay (Twisted imports every plugin)."""
+    code = textwrap.dedent(
+        """
+        import sys, importlib
+        importlib.import_module("twisted.plugins.acrrelay_plugin")
+        assert not any(m == "acrrelay" or m.startswith("acrrelay.") for m in sys.modules), \\
+            sorted(m for m in sys.modules if m.startswith("acrrelay"))
+        """
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
+@pytest.mark.parametrize(
+    ("module", "forbid"),
+    [
+        ("acrrelay.clienthello", "twisted"),
+        ("acrrelay.routing", "twisted"),
+        ("acrrelay.catalogue", "twisted"),
+        ("acrrelay.config", "twisted.internet.reactor"),
+        ("acrrelay", "twisted"),
+    ],
+)
+def test_pure_core_imports_no_reactor(module: str, forbid: str) -> None:
+    """The pure core never imports a reactor; the parsers and routing not even Twisted."""
+    code = (
+        f"import sys, {module}\n"
+        f"bad = [m for m in sys.modules if m == {forbid!r} or m.startswith({forbid!r} + '.')]\n"
+        "assert not bad, bad\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
+def test_options_repeat_and_combine() -> None:
+    """--listen, --route and --acr repeat, and sit on top of --config."""
+    options = Options()
+    options.parseOptions(
+        [
+            "--config", "etc/acrrelay.toml",
+            "--listen", "tcp:1",
+            "--listen", "tcp:2",
+            "--route", "a.example.com=resolve",
+            "--route", "b.example.com=tcp:host=10.0.0.1:port=443",
+            "--acr", "cn-hangzhou",
+            "--access-log", "off",
+        ]
+    )  # fmt: skip
+    overlay = options.overlay()
+    assert options["config"] == "etc/acrrelay.toml"
+    assert overlay.listen == ("tcp:1", "tcp:2")
+    assert overlay.route == ("a.example.com=resolve", "b.example.com=tcp:host=10.0.0.1:port=443")
+    assert overlay.acr == ("cn-hangzhou",)
+    assert overlay.access_log == "off"
+
+
+def test_make_service_with_a_bad_config_exits_with_one_line() -> None:
+    """twist's makeService turns a config error into SystemExit with one clear line."""
+    options = Options()
+    options.parseOptions(["--listen", "tcp:8443", "--route", "*.com=resolve"])
+    with pytest.raises(SystemExit) as info:
+        makeService(options)
+    assert str(info.value).startswith("acrrelay: command line: --route *.com=resolve: ")
+    assert "\n" not in str(info.value)
+
+
+def test_service_listens_on_every_endpoint() -> None:
+    """startService binds each listener with a RelayFactory; stopService releases them."""
+    reactor = MemoryReactorClock()
+    service = make_relay_service(parse_config(CONFIG), reactor)
+    service.startService()
+    assert [(port, interface) for port, _, _, interface in reactor.tcpServers] == [
+        (8443, "127.0.0.1"),
+        (9443, ""),
+    ]
+    factories = [factory for _, factory, _, _ in reactor.tcpServers]
+    assert all(isinstance(f, RelayFactory) for f in factories)
+    assert [f.listener.name for f in factories] == ["tls", "tcp:9443"]
+    assert factories[0].relay is factories[1].relay is service.relay
+    assert len(service.ports) == 2
+    service.stopService()
+    assert service.ports == []
+
+
+def test_privileged_start_binds_once() -> None:
+    """twistd binds in privilegedStartService; startService does not bind again."""
+    reactor = MemoryReactorClock()
+    service = make_relay_service(parse_config(CONFIG), reactor)
+    service.privilegedStartService()
+    service.startService()
+    assert len(reactor.tcpServers) == 2
+
+
+def test_a_port_that_cannot_bind_fails_start() -> None:
+    """A listener that cannot bind raises ListenError naming the endpoint and the cause."""
+    reactor = RaisingMemoryReactor(
+        listenException=CannotListenError("127.0.0.1", 8443, OSError(98, "Address already in use"))
+    )
+    service = make_relay_service(parse_config(CONFIG), reactor)
+    with pytest.raises(ListenError) as info:
+        service.startService()
+    assert str(info.value) == (
+        "cannot listen on tcp:8443:interface=127.0.0.1: address already in use"
+    )
+    assert service.ports == []
+
+
+def test_tap_service_exits_cleanly_when_a_port_cannot_bind() -> None:
+    """Under twist, the bind failure becomes SystemExit with one line, not a traceback."""
+    from acrrelay.tap import _ExitingRelayService
+
+    reactor = RaisingMemoryReactor(
+        listenException=CannotListenError("", 9443, OSError(13, "Permission denied"))
+    )
+    service = _ExitingRelayService(parse_config(CONFIG), reactor)
+    with pytest.raises(SystemExit) as info:
+        service.startService()
+    assert (
+        str(info.value)
+        == "acrrelay: cannot listen on tcp:8443:interface=127.0.0.1: permission denied"
+    )
+
+
+def test_library_exports_are_typed_and_documented() -> None:
+    """The public API has docstrings and the package ships py.typed."""
+    import importlib.resources
+
+    import acrrelay
+
+    for name in acrrelay.__all__:
+        assert getattr(acrrelay, name).__doc__, name
+    assert importlib.resources.files("acrrelay").joinpath("py.typed").is_file()
