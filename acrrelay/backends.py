@@ -17,8 +17,8 @@ import ipaddress
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NoReturn
 
-from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet import defer
+from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import HostnameEndpoint, clientFromString
 from twisted.internet.interfaces import (

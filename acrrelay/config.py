@@ -423,6 +423,14 @@ def _build(source: str, document: dict[str, Any], overlay: Overlay) -> RelayConf
     doc.finish(("relay", "listen", "route", "acr", "resolver"))
 
     routes = _expand(explicit, acr)
+    if any(r.backend == RESOLVE for r in routes):
+        for i, listener in enumerate(listeners):
+            if listener.target_port is None and listener.endpoint.startswith("unix:"):
+                raise ConfigError(
+                    source,
+                    f"listen[{i}].target_port",
+                    "a unix: listener has no port for resolve routes to use; set target_port",
+                )
     if not listeners:
         raise ConfigError(source, "listen", "no listeners: add a [[listen]] table or --listen")
     if not routes:

@@ -125,6 +125,17 @@ class RelayProtocol(Protocol):
             return
         if self.state is not State.PEEKING:
             return  # refused or failed: we are closing and want nothing more
+        try:
+            self._peek(data)
+        except Exception:
+            # A bug must cost this connection only, and be seen.
+            self._log.failure("{client}: internal error while peeking", client=self.client)
+            self._cancel_timer()
+            self.relay.stats.refused["internal_error"] += 1
+            self._refusal = "internal_error"
+            self._close("refused", "internal error", alert=ALERT_INTERNAL_ERROR)
+
+    def _peek(self, data: bytes) -> None:
         self._buffer += data
         try:
             outcome = self._reader.feed(data)

@@ -263,3 +263,20 @@ def test_unix_peer_addresses_are_described() -> None:
     assert describe(UNIXAddress(b"/run/x.sock")) == "/run/x.sock"
     assert describe(IPv6Address("TCP", "::1", 443)) == "[::1]:443"
     assert describe(IPv4Address("TCP", "10.0.0.1", 443)) == "10.0.0.1:443"
+
+
+def test_an_internal_error_costs_one_connection_only() -> None:
+    """A bug while peeking is logged, counted, and closes that connection alone."""
+    h = Harness()
+
+    def broken(*args: object) -> None:
+        raise RuntimeError("a bug")
+
+    h.relay.policy.decide = broken  # type: ignore[method-assign]
+    protocol, transport = h.accept()
+    protocol.dataReceived(HELLO)  # must not raise
+    assert transport.disconnecting
+    assert alert_description(transport.value()) == ALERT_INTERNAL_ERROR
+    assert h.relay.stats.refused["internal_error"] == 1
+    transport.protocol.connectionLost(Failure(ConnectionLost()))
+    assert h.events[-1]["close_reason"] == "refused:internal_error"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import socket
@@ -81,14 +82,21 @@ def test_plugin_appears_in_twist_help() -> None:
 
 
 def test_example_config_starts_and_accepts() -> None:
-    """`twist acrrelay --config etc/acrrelay.toml` starts on 8443 and refuses an unknown name."""
-    proc = twist("acrrelay", "--config", "etc/acrrelay.toml", "--access-log", "off")
+    """`twist acrrelay --config etc/acrrelay.toml` starts on 8443, refuses an unknown name,
+    and writes the access line as JSON to stdout."""
+    proc = twist("acrrelay", "--config", "etc/acrrelay.toml")
     try:
         port = wait_listening(proc)
         assert port == 8443
         assert refused_with_alert(port, "not-routed.example.com") == 112
     finally:
         stop(proc)
+    assert proc.stdout is not None
+    access = [json.loads(line) for line in proc.stdout.read().splitlines() if line.startswith("{")]
+    assert len(access) == 1
+    assert access[0]["sni"] == "not-routed.example.com"
+    assert access[0]["close_reason"] == "refused:not_allowed"
+    assert access[0]["listener"] == "tls"
 
 
 def test_quick_start_flags_without_a_file(tmp_path: Path) -> None:
