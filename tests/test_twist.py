@@ -15,10 +15,11 @@ from pathlib import Path
 import pytest
 
 from acrrelay.testing import alert_description, client_hello_bytes
+from tests.e2e_support import clean_env, stop_process
 
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
-ENV = {"PATH": os.environ["PATH"], "HOME": os.environ.get("HOME", "/tmp"), "LANG": "C.UTF-8"}
+ENV = clean_env(Path(os.environ.get("HOME", "/tmp")))
 
 
 def twist(*args: str, cwd: Path = REPO) -> subprocess.Popen[str]:
@@ -47,16 +48,6 @@ def wait_listening(proc: subprocess.Popen[str], timeout: float = 20) -> int:
             return int(match.group(1))
     proc.kill()
     raise AssertionError("relay did not start:\n" + "".join(seen))
-
-
-def stop(proc: subprocess.Popen[str]) -> None:
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=10)
 
 
 def refused_with_alert(port: int, name: str) -> int | None:
@@ -90,7 +81,7 @@ def test_example_config_starts_and_accepts() -> None:
         assert port == 8443
         assert refused_with_alert(port, "not-routed.example.com") == 112
     finally:
-        stop(proc)
+        stop_process(proc)
     assert proc.stdout is not None
     access = [json.loads(line) for line in proc.stdout.read().splitlines() if line.startswith("{")]
     assert len(access) == 1
@@ -115,7 +106,7 @@ def test_quick_start_flags_without_a_file(tmp_path: Path) -> None:
         # a routed name reaches its (closed) loopback backend, which refuses: internal_error
         assert refused_with_alert(port, "a.example.com") == 80
     finally:
-        stop(proc)
+        stop_process(proc)
     lines = log.read_text().splitlines()
     assert '"close_reason":"refused:not_allowed"' in lines[0]
     assert '"close_reason":"connect_failed"' in lines[1]
