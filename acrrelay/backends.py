@@ -9,18 +9,25 @@ resolver. Connection attempts over several addresses, and their failover, are
 Twisted's :class:`~twisted.internet.endpoints.HostnameEndpoint`.
 
 Every attempt is bounded by the connect timeout, whatever the endpoint type.
+
+Addresses that ``resolve`` finds are checked against a deny-list before any connection
+is tried (:class:`AddressGuard`): loopback, link-local, unspecified, multicast, the cloud
+metadata services, and the relay's own listening addresses, which would be a self-loop.
+A route may allow more with ``allow_addresses``. Explicit endpoint backends are the
+operator's own choice and are not checked.
 """
 
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Callable, Mapping, Sequence
-from typing import Any, NoReturn
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any, Final, NoReturn
 
 from twisted.internet import defer
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import HostnameEndpoint, clientFromString
+from twisted.internet.error import DNSLookupError
 from twisted.internet.interfaces import (
     IHostnameResolver,
     IHostResolution,
@@ -32,9 +39,67 @@ from twisted.internet.interfaces import (
 )
 from zope.interface import implementer
 
-from acrrelay.routing import RESOLVE, Route, normalize_name
+from acrrelay.routing import RESOLVE, IPAddress, IPNetwork, Route, client_ip, normalize_name
 
-__all__ = ["BackendConnector", "StaticHostsResolver"]
+__all__ = [
+    "DENIED_NETWORKS",
+    "AddressDenied",
+    "AddressGuard",
+    "BackendConnector",
+    "StaticHostsResolver",
+]
+
+#: Where ``resolve`` never connects unless a route allows it.
+DENIED_NETWORKS: Final[tuple[IPNetwork, ...]] = tuple(
+    ipaddress.ip_network(n)
+    for n in (
+        "127.0.0.0/8",  # loopback
+        "::1/128",
+        "0.0.0.0/8",  # unspecified / "this network"
+        "::/128",
+        "169.254.0.0/16",  # link-local, with 169.254.169.254, the usual metadata service
+        "fe80::/10",
+        "224.0.0.0/4",  # multicast
+        "ff00::/8",
+        "255.255.255.255/32",
+        "100.100.100.200/32",  # the Alibaba Cloud metadata service
+    )
+)
+
+
+class AddressDenied(Exception):
+    """Every address a name resolved to is on the deny-list."""
+
+    def __init__(self, name: str, denied: Sequence[str]) -> None:
+        super().__init__(f"{name} resolves only to denied addresses: {', '.join(denied)}")
+        self.denied = tuple(denied)
+
+
+class AddressGuard:
+    """Decides whether ``resolve`` may connect to an address, and says why not."""
+
+    def __init__(self, denied: Iterable[IPNetwork] = DENIED_NETWORKS) -> None:
+        self._denied = tuple(denied)
+        self._own: frozenset[tuple[IPAddress, int]] = frozenset()
+
+    def set_own(self, own: Iterable[tuple[IPAddress, int]]) -> None:
+        """The relay's own listening (address, port) pairs: connecting there would loop."""
+        self._own = frozenset(own)
+
+    def refuse(self, route: Route, host: str, port: int) -> str | None:
+        """None if the route may connect to host:port, else the reason it may not."""
+        address = client_ip(host)
+        if address is None:
+            return "not an IP address"
+        if any(address in network for network in route.allow_addresses):
+            return None
+        if (address, port) in self._own:
+            return "the relay itself"
+        for network in self._denied:
+            if address in network:
+                return f"in {network}"
+        return None
+
 
 #: Decides whether a resolved address may be used; see issue 3's deny-list.
 AddressFilter = Callable[[str, IPv4Address | IPv6Address], bool]
@@ -137,29 +202,53 @@ class BackendConnector:
         *,
         hosts: Mapping[str, Sequence[str]],
         connect_timeout: float,
-        allow_address: AddressFilter | None = None,
+        guard: AddressGuard | None = None,
     ) -> None:
         self._reactor = reactor
         self._timeout = connect_timeout
+        self._hosts = hosts
+        self.guard = guard or AddressGuard()
         self._endpoints: dict[str, IStreamClientEndpoint] = {}
-        resolver = StaticHostsResolver(hosts, reactor.nameResolver, allow_address)
-        self._resolving_reactor = _ResolverReactor(reactor, resolver)
 
-    def endpoint_for(self, route: Route, name: str, port: int) -> IStreamClientEndpoint:
-        """The endpoint a connection to ``name:port`` over ``route`` uses."""
-        if route.backend == RESOLVE:
-            return HostnameEndpoint(self._resolving_reactor, name, port, timeout=self._timeout)
-        endpoint = self._endpoints.get(route.backend)
+    def _resolving(self, route: Route, name: str, port: int) -> tuple[Any, list[str]]:
+        denied: list[str] = []
+
+        def allow(host_name: str, address: IPv4Address | IPv6Address) -> bool:
+            why = self.guard.refuse(route, address.host, address.port)
+            if why is not None:
+                denied.append(f"{address.host} ({why})")
+            return why is None
+
+        resolver = StaticHostsResolver(self._hosts, self._reactor.nameResolver, allow)
+        endpoint = HostnameEndpoint(
+            _ResolverReactor(self._reactor, resolver), name, port, timeout=self._timeout
+        )
+        return endpoint, denied
+
+    def _explicit(self, backend: str) -> IStreamClientEndpoint:
+        endpoint = self._endpoints.get(backend)
         if endpoint is None:
-            endpoint = clientFromString(self._reactor, route.backend)
-            self._endpoints[route.backend] = endpoint
+            endpoint = clientFromString(self._reactor, backend)
+            self._endpoints[backend] = endpoint
         return endpoint
 
     def connect(
         self, route: Route, name: str, port: int, factory: IProtocolFactory
     ) -> Deferred[IProtocol]:
-        """Connect, or fail with the endpoint's error or ``TimeoutError`` after the timeout."""
-        d = self.endpoint_for(route, name, port).connect(factory)
+        """Connect, or fail with the endpoint's error, :class:`AddressDenied`, or
+        ``TimeoutError`` after the timeout."""
+        if route.backend != RESOLVE:
+            d = self._explicit(route.backend).connect(factory)
+        else:
+            endpoint, denied = self._resolving(route, name, port)
+            d = endpoint.connect(factory)
+
+            def explain(failure: Any) -> Any:
+                if denied and failure.check(DNSLookupError):
+                    raise AddressDenied(name, denied)
+                return failure
+
+            d.addErrback(explain)
         d.addTimeout(self._timeout, self._reactor, onTimeoutCancel=_timed_out)
         return d
 

@@ -29,8 +29,11 @@ import attrs
 from acrrelay import catalogue
 from acrrelay.endpoints import EndpointError, check_client_endpoint, check_server_endpoint
 from acrrelay.routing import (
+    DEFAULT_PORTS,
+    PROTOCOLS,
     RESOLVE,
     InvalidName,
+    IPNetwork,
     Route,
     RouteConflict,
     RouteTable,
@@ -141,14 +144,29 @@ def _show(value: object) -> str:
 
 @attrs.frozen
 class ListenerConfig:
-    """One listening endpoint."""
+    """One listening endpoint, its front doors and who may use it."""
 
     #: A Twisted server endpoint string, for example ``tcp:8443:interface=0.0.0.0``.
     endpoint: str
     #: A short name for logs and metrics; defaults to the endpoint string.
     name: str
-    #: The port that ``resolve`` backends connect to. None: the port the client reached.
+    #: The target port of a TLS connection (it carries none): what the route's ports are
+    #: checked against, and what ``resolve`` backends connect to. None means 443.
     target_port: int | None = None
+    #: The front doors: "tls" (SNI), "http" (Host), "connect" (HTTP CONNECT).
+    protocols: tuple[str, ...] = ("tls",)
+    #: Client networks admitted (empty: all) and refused (deny wins).
+    allow: tuple[IPNetwork, ...] = ()
+    deny: tuple[IPNetwork, ...] = ()
+    #: Peers that must begin with a PROXY protocol v1/v2 header naming the real client.
+    proxy_protocol_from: tuple[IPNetwork, ...] = ()
+    #: CONNECT users and their bcrypt hashes; None means CONNECT needs no credentials.
+    connect_users: Mapping[str, bytes] | None = attrs.field(default=None, eq=False)
+    connect_users_file: str | None = None
+
+    @property
+    def tls_port(self) -> int:
+        return self.target_port or 443
 
 
 @attrs.frozen
@@ -183,6 +201,10 @@ class RelayConfig:
     buffer_size: int = 64 * 1024
     #: "-" for standard output, a file path, or None for no access log.
     access_log: str | None = "-"
+    #: Most connections at once; 0 derives it from the file-descriptor limit at start.
+    max_connections: int = 0
+    #: Most connections at once from one client address; 0 for no limit.
+    max_connections_per_client: int = 0
 
     def route_table(self) -> RouteTable:
         return RouteTable(self.routes)
@@ -208,7 +230,21 @@ _RELAY_KEYS: Final = (
     "idle_timeout",
     "buffer_size",
     "access_log",
+    "max_connections",
+    "max_connections_per_client",
 )
+_LISTEN_KEYS: Final = (
+    "endpoint",
+    "name",
+    "target_port",
+    "protocols",
+    "allow",
+    "deny",
+    "proxy_protocol_from",
+    "connect_users",
+)
+_ROUTE_KEYS: Final = ("name", "backend", "ports", "proxy_protocol", "allow_addresses")
+_BCRYPT = re.compile(rb"\$2[aby]\$\d\d\$[./A-Za-z0-9]{53}\Z")
 
 
 class _Table:
@@ -269,6 +305,91 @@ def _port(value: object) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 65535:
         raise ValueError(f"expected a port number from 1 to 65535, got {_show(value)}")
     return value
+
+
+def _count(value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"expected a whole number, 0 or more, got {_show(value)}")
+    return value
+
+
+def _list_of(convert: Callable[[object], T], example: str) -> Callable[[object], tuple[T, ...]]:
+    def check(value: object) -> tuple[T, ...]:
+        if not isinstance(value, list):
+            raise ValueError(f"expected an array such as {example}, got {_show(value)}")
+        out: list[T] = []
+        for item in value:
+            converted = convert(item)
+            if converted in out:
+                raise ValueError(f"{_show(item)} is listed twice")
+            out.append(converted)
+        return tuple(out)
+
+    return check
+
+
+def _network(value: object) -> IPNetwork:
+    if not isinstance(value, str):
+        raise ValueError(f'expected a CIDR such as "10.0.0.0/8", got {_show(value)}')
+    try:
+        return ipaddress.ip_network(value, strict=True)
+    except ValueError as e:
+        raise ValueError(
+            f'expected a CIDR such as "10.0.0.0/8", got {_show(value)} ({e})'
+        ) from None
+
+
+def _protocol(value: object) -> str:
+    if value not in PROTOCOLS:
+        raise ValueError(f"expected one of {', '.join(map(_show, PROTOCOLS))}, got {_show(value)}")
+    return str(value)
+
+
+def _proxy_version(value: object) -> str:
+    if value not in ("v1", "v2"):
+        raise ValueError(f'expected "v1" or "v2", got {_show(value)}')
+    return str(value)
+
+
+def _nonempty(convert: Callable[[object], tuple[T, ...]]) -> Callable[[object], tuple[T, ...]]:
+    def check(value: object) -> tuple[T, ...]:
+        items = convert(value)
+        if not items:
+            raise ValueError("expected at least one item")
+        return items
+
+    return check
+
+
+def read_users_file(path: str) -> dict[str, bytes]:
+    """``user:bcrypt-hash`` lines (htpasswd -B format); '#' comments and blank lines skipped."""
+    try:
+        with open(path, "rb") as f:
+            lines = f.read().splitlines()
+    except FileNotFoundError:
+        raise ValueError(f"users file {path} does not exist") from None
+    except OSError as e:
+        raise ValueError(f"cannot read users file {path}: {e.strerror or e}") from None
+    users: dict[str, bytes] = {}
+    for number, raw in enumerate(lines, 1):
+        line = raw.strip()
+        if not line or line.startswith(b"#"):
+            continue
+        user, sep, digest = line.partition(b":")
+        if not sep or not user:
+            raise ValueError(f"{path} line {number}: expected user:bcrypt-hash")
+        if not _BCRYPT.match(digest):
+            raise ValueError(
+                f"{path} line {number}: the hash is not bcrypt ($2b$...); "
+                "make one with: htpasswd -nbB USER PASSWORD"
+            )
+        name = user.decode("utf-8", "replace")
+        if name in users:
+            raise ValueError(f"{path} line {number}: user {name} is listed twice")
+        users[name] = digest
+    if not users:
+        raise ValueError(f"users file {path} lists no users")
+    return users
 
 
 def _server_endpoint(value: object) -> str:
@@ -411,6 +532,8 @@ def _build(source: str, document: dict[str, Any], overlay: Overlay) -> RelayConf
             "buffer_size", _in_range(4 * 1024, 16 << 20, parse_size), 64 * 1024
         ),
         "access_log": relay.get("access_log", _access_log, _access_log("-")),
+        "max_connections": relay.get("max_connections", _count, 0),
+        "max_connections_per_client": relay.get("max_connections_per_client", _count, 0),
     }
     relay.finish(_RELAY_KEYS)
     if overlay.access_log is not None:
@@ -423,14 +546,6 @@ def _build(source: str, document: dict[str, Any], overlay: Overlay) -> RelayConf
     doc.finish(("relay", "listen", "route", "acr", "resolver"))
 
     routes = _expand(explicit, acr)
-    if any(r.backend == RESOLVE for r in routes):
-        for i, listener in enumerate(listeners):
-            if listener.target_port is None and listener.endpoint.startswith("unix:"):
-                raise ConfigError(
-                    source,
-                    f"listen[{i}].target_port",
-                    "a unix: listener has no port for resolve routes to use; set target_port",
-                )
     if not listeners:
         raise ConfigError(source, "listen", "no listeners: add a [[listen]] table or --listen")
     if not routes:
@@ -454,12 +569,29 @@ def _listeners(source: str, doc: _Table, overlay: Overlay) -> tuple[ListenerConf
     out: list[ListenerConfig] = []
     for table in _array_of_tables(source, doc, "listen"):
         endpoint = table.require("endpoint", _server_endpoint)
+        tls_only: tuple[str, ...] = ("tls",)
+        protocols = table.get(
+            "protocols", _nonempty(_list_of(_protocol, '["tls", "http"]')), tls_only
+        )
+        users_file = table.get("connect_users", _string, None)
+        users = None
+        if users_file is not None:
+            if "connect" not in protocols:
+                raise table.error("connect_users", 'needs "connect" in protocols')
+            users = table.get("connect_users", read_users_file, None)
+        networks = _list_of(_network, '["10.0.0.0/8"]')
         listener = ListenerConfig(
             endpoint=endpoint,
             name=table.get("name", _string, endpoint),
             target_port=table.get("target_port", _port, None),
+            protocols=protocols,
+            allow=table.get("allow", networks, ()),
+            deny=table.get("deny", networks, ()),
+            proxy_protocol_from=table.get("proxy_protocol_from", networks, ()),
+            connect_users=None if users is None else MappingProxyType(users),
+            connect_users_file=users_file,
         )
-        table.finish(("endpoint", "name", "target_port"))
+        table.finish(_LISTEN_KEYS)
         out.append(_unique_listener(out, listener, table.source, table.path))
     for text in overlay.listen:
         try:
@@ -515,13 +647,28 @@ def _explicit_routes(source: str, doc: _Table, overlay: Overlay) -> list[tuple[s
     for i, table in enumerate(_array_of_tables(source, doc, "route")):
         name = table.require("name", _string)
         backend = table.require("backend", _backend)
-        table.finish(("name", "backend"))
+        ports = table.get("ports", _nonempty(_list_of(_port, "[443, 80]")), tuple(DEFAULT_PORTS))
+        proxy_protocol = table.get("proxy_protocol", _proxy_version, None)
+        no_networks: tuple[IPNetwork, ...] = ()
+        allow_addresses = table.get(
+            "allow_addresses", _list_of(_network, '["10.0.0.0/8"]'), no_networks
+        )
+        table.finish(_ROUTE_KEYS)
         try:
             pattern = parse_pattern(name)
         except InvalidName as e:
             raise table.error("name", str(e)) from None
         origin = f"route[{i}]" if source == COMMAND_LINE else f"{source} route[{i}]"
-        out.append((source, table.key("name"), Route(pattern, backend, "custom", origin)))
+        route = Route(
+            pattern,
+            backend,
+            "custom",
+            origin,
+            ports=frozenset(ports),
+            proxy_protocol=proxy_protocol,
+            allow_addresses=allow_addresses,
+        )
+        out.append((source, table.key("name"), route))
     for text in overlay.route:
         key = f"--route {text}"
         name, sep, backend_text = text.partition("=")

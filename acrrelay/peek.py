@@ -1,23 +1,34 @@
-"""The TLS-peeking front door: read the ClientHello, route by SNI, splice to the backend.
+"""The front doors: learn where a connection goes, ask the policy, splice to the backend.
 
 Each accepted connection is one :class:`RelayProtocol`, an explicit state machine::
 
-    peeking -> connecting -> splicing -> closed
-        \\            \\-> closing (backend failed) -> closed
-         \\-> closing (refused: alert, close) -> closed
+    peeking -> [authorizing] -> connecting -> splicing -> closed
+       |             |               \\-> closing (backend failed: alert or 502/504)
+       \\-------------\\-> closing (refused: alert, or an HTTP error response) -> closed
 
-- **peeking**: bytes are fed to a :class:`~acrrelay.clienthello.ClientHelloReader`
-  under a size cap and a timeout. Not-TLS, malformed, no SNI, too large, timed
-  out and not allowed are each refused, with a TLS ``unrecognized_name`` alert
-  where the input was TLS, logged with the reason and counted.
-- **connecting**: the client is paused while the route's backend connects,
-  under the connect timeout.
-- **splicing**: a :class:`~acrrelay.splice.Pump` moves bytes both ways, peeked
-  bytes first.
+**peeking** reads, under one size cap and one timeout:
 
-Every connection ends with exactly one access event. A per-connection error
-never escapes ``dataReceived``: it is logged, counted, and that connection
-alone is closed.
+1. a PROXY protocol v1/v2 header, if the peer is in the listener's
+   ``proxy_protocol_from``; its source address becomes the client. From anyone else
+   a PROXY header is refused;
+2. the client ACL and the per-client limit, for that client;
+3. the first bytes, which choose the front door: ``0x16`` is TLS (routed by the
+   ClientHello's SNI), a capital letter is HTTP: ``CONNECT host:port`` (routed by its
+   target) or a plain request (routed by its absolute URI or its ``Host``).
+
+Every door asks :meth:`~acrrelay.routing.Policy.decide` the same question. Refusals
+are answered in the door's own language (a TLS ``unrecognized_name`` alert, or an
+HTTP 400/403/407/408/431), logged with their reason and counted. A CONNECT listener
+with users checks ``Proxy-Authorization`` first (**authorizing**, off the reactor).
+
+**connecting** pauses the client while the route's backend connects, under the
+connect timeout; a route may have a PROXY header sent to the backend first.
+**splicing** hands over to a :class:`~acrrelay.splice.Pump`. On plain HTTP the later
+requests of a keep-alive connection are followed, and one that names another host
+is cut off: the first request's route is the only one the connection has.
+
+Every connection ends with exactly one access event. A per-connection error never
+escapes ``dataReceived``: it is logged, counted, and that connection alone is closed.
 """
 
 from __future__ import annotations
@@ -32,19 +43,52 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from acrrelay.backends import AddressDenied
 from acrrelay.clienthello import NEED_MORE, ClientHello, ClientHelloError, ClientHelloReader, NotTLS
-from acrrelay.routing import Refusal, Route
+from acrrelay.httphead import (
+    HttpHeadError,
+    HttpHeadReader,
+    HttpRequest,
+    RequestFollower,
+    error_response,
+)
+from acrrelay.proxyproto import (
+    ProxyHeader,
+    ProxyHeaderReader,
+    ProxyProtocolError,
+    encode_v1,
+    encode_v2,
+    is_proxy_signature,
+)
+from acrrelay.routing import Door, Refusal, Route, normalize_name
 from acrrelay.splice import BackendProtocol, Pump, PumpResult
 
 if TYPE_CHECKING:
     from acrrelay.config import ListenerConfig
     from acrrelay.relay import Relay
 
-__all__ = ["RelayFactory", "RelayProtocol", "State", "tls_alert"]
+__all__ = ["RelayFactory", "RelayProtocol", "State", "describe", "tls_alert"]
 
-FRONT_DOOR_TLS: Final = "tls"
 ALERT_UNRECOGNIZED_NAME: Final = 112
 ALERT_INTERNAL_ERROR: Final = 80
+CONNECT_ESTABLISHED: Final = b"HTTP/1.1 200 Connection established\r\n\r\n"
+_HTTP_FIRST: Final = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZ")
+_TLS_FIRST: Final = 0x16
+
+#: The HTTP status that answers each refusal reason (anything else: 403).
+_HTTP_STATUS: Final = {
+    "malformed": 400,
+    "no_host": 400,
+    "too_large": 431,
+    "peek_timeout": 408,
+    "auth_required": 407,
+    "connect_timeout": 504,
+    "connect_failed": 502,
+    "resolve_failed": 502,
+    "address_denied": 502,
+    "internal_error": 500,
+}
+_PROXY_AUTHENTICATE: Final = b'Proxy-Authenticate: Basic realm="acrrelay"\r\n'
 
 
 def tls_alert(description: int) -> bytes:
@@ -54,6 +98,7 @@ def tls_alert(description: int) -> bytes:
 
 class State(enum.Enum):
     PEEKING = "peeking"
+    AUTHORIZING = "authorizing"
     CONNECTING = "connecting"
     SPLICING = "splicing"
     CLOSING = "closing"
@@ -65,11 +110,15 @@ def describe(address: IAddress | None) -> str:
     host = getattr(address, "host", None)
     port = getattr(address, "port", None)
     if host is not None and port is not None:
-        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        return _host_port(host, port)
     name = getattr(address, "name", None)
     if name is not None:
         return name.decode("utf-8", "replace") if isinstance(name, bytes) else str(name)
     return str(address) if address is not None else "-"
+
+
+def _host_port(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 class _BackendFactory(Factory):
@@ -91,8 +140,17 @@ class RelayProtocol(Protocol):
         self.listener = listener
         self.state = State.PEEKING
         self.id = 0
+        #: The TCP peer; with a PROXY header, the load balancer.
+        self.peer = "-"
+        #: The client as policy sees it: the PROXY header's source, or the peer.
         self.client = "-"
+        self.client_host: str | None = None
+        self.door: Door | None = None
+        self.proxy_header: ProxyHeader | None = None
         self.hello: ClientHello | None = None
+        self.request: HttpRequest | None = None
+        self.user: str | None = None
+        self.target: tuple[str, int] | None = None
         self.route: Route | None = None
         self.pump: Pump | None = None
         self.backend_address: str | None = None
@@ -100,10 +158,16 @@ class RelayProtocol(Protocol):
         self._routed_at: float | None = None
         self._connected_at: float | None = None
         self._buffer = bytearray()
-        self._reader = ClientHelloReader(relay.settings.peek_limit)
+        self._skip = 0  # leading buffered bytes that are not forwarded (a CONNECT head)
+        self._proxy_reader: ProxyHeaderReader | None = None
+        self._check_signature = False  # untrusted peer: refuse a PROXY header
+        self._tls_reader: ClientHelloReader | None = None
+        self._http_reader: HttpHeadReader | None = None
+        self._follower: RequestFollower | None = None
+        self._admitted = False
         self._timer: IDelayedCall | None = None
-        self._connecting: defer.Deferred[Any] | None = None
-        self._eof_while_connecting = False
+        self._pending: defer.Deferred[Any] | None = None
+        self._eof_while_waiting = False
         self._refusal: str | None = None
         self._close_reason: str | None = None
         self._detail: str | None = None
@@ -114,51 +178,42 @@ class RelayProtocol(Protocol):
         clock = self.relay.reactor
         self.started = clock.seconds()
         self.id = self.relay.next_id()
-        self.relay.connections[self.id] = self
-        self.relay.stats.accepted += 1
-        self.client = describe(self.transport.getPeer())  # type: ignore[union-attr]
+        self.relay.opened(self)
+        peer = self.transport.getPeer()  # type: ignore[union-attr]
+        self.peer = self.client = describe(peer)
+        self.client_host = getattr(peer, "host", None)
         self._timer = clock.callLater(self.relay.settings.peek_timeout, self._peek_timed_out)
+        if self.relay.trusts_proxy_header(self.listener, self.client_host):
+            self._proxy_reader = ProxyHeaderReader()
+        else:
+            self._check_signature = True
+            self._admit()
 
     def dataReceived(self, data: bytes) -> None:
         if self.state is State.SPLICING:
+            if self._follower is not None and not self._follow(data):
+                return
             self.pump.client_data(data)  # type: ignore[union-attr]
             return
         if self.state is not State.PEEKING:
-            return  # refused or failed: we are closing and want nothing more
+            if self.state in (State.AUTHORIZING, State.CONNECTING):
+                self._buffer += data  # paused, so rare; kept for the backend all the same
+            return
         try:
             self._peek(data)
         except Exception:
             # A bug must cost this connection only, and be seen.
             self._log.failure("{client}: internal error while peeking", client=self.client)
-            self._cancel_timer()
-            self.relay.stats.refused["internal_error"] += 1
-            self._refusal = "internal_error"
-            self._close("refused", "internal error", alert=ALERT_INTERNAL_ERROR)
-
-    def _peek(self, data: bytes) -> None:
-        self._buffer += data
-        try:
-            outcome = self._reader.feed(data)
-        except ClientHelloError as e:
-            self._refuse(e.reason, str(e), tls=True)
-            return
-        if outcome is NEED_MORE:
-            return
-        if isinstance(outcome, NotTLS):
-            self._refuse("not_tls", outcome.detail, tls=False)
-            return
-        assert isinstance(outcome, ClientHello)
-        self.hello = outcome
-        self._route(outcome)
+            self._refuse("internal_error", "internal error")
 
     def readConnectionLost(self) -> None:
         if self.state is State.SPLICING:
             self.pump.client_eof()  # type: ignore[union-attr]
-        elif self.state is State.CONNECTING:
-            self._eof_while_connecting = True
+        elif self.state in (State.AUTHORIZING, State.CONNECTING):
+            self._eof_while_waiting = True
         elif self.state is State.PEEKING:
             self._cancel_timer()
-            self._close("client_gone", "closed before a complete ClientHello")
+            self._close("client_gone", "closed before a complete request")
 
     def writeConnectionLost(self) -> None:
         pass
@@ -168,53 +223,226 @@ class RelayProtocol(Protocol):
             self.pump.client_lost(reason)  # type: ignore[union-attr]
             return
         self._cancel_timer()
-        if self.state in (State.PEEKING, State.CONNECTING):
+        if self.state in (State.PEEKING, State.AUTHORIZING, State.CONNECTING):
             self._close_reason = "client_gone"
             self._detail = f"client left while {self.state.value}"
-        if self._connecting is not None:
+        if self._pending is not None:
             self.state = State.CLOSED
-            self._connecting.cancel()
+            self._pending.cancel()
         self._finish(closed_first="client" if self._close_reason == "client_gone" else "relay")
 
     # -- peeking
 
+    def _admit(self) -> bool:
+        """The client ACL and the per-client limit, once the client is known."""
+        client = self.client_host or ""
+        refusal = self.relay.policy.admit(self.listener.name, client)
+        if refusal is None:
+            refusal = self.relay.admit_client(self.client_host)
+        if refusal is not None:
+            self._refuse(refusal.reason, refusal.detail)
+            return False
+        self._admitted = True
+        if self.client_host is not None:
+            self.relay.per_client[self.client_host] += 1
+        return True
+
+    def _peek(self, data: bytes) -> None:
+        if self._proxy_reader is not None:
+            try:
+                outcome = self._proxy_reader.feed(data)
+            except ProxyProtocolError as e:
+                reason = "proxy_malformed" if e.reason == "malformed" else "proxy_missing"
+                self._refuse(reason, str(e))
+                return
+            if outcome is NEED_MORE:
+                return
+            header, data = outcome  # type: ignore[misc]
+            self._proxy_reader = None
+            self._take_proxy_header(header)
+            if not self._admit() or not data:
+                return
+        self._buffer += data
+        if self._check_signature:
+            is_proxy = is_proxy_signature(bytes(self._buffer[:16]))
+            if is_proxy:
+                self._refuse("proxy_untrusted", f"a PROXY header from untrusted {self.peer}")
+                return
+            if is_proxy is False:
+                self._check_signature = False
+            elif self._buffer[0] not in _HTTP_FIRST:
+                return  # too few bytes to tell a v2 signature from anything else
+        if self._tls_reader is not None:
+            self._feed_tls(data)
+        elif self._http_reader is not None:
+            self._feed_http(data)
+        else:
+            self._choose_door()
+
+    def _take_proxy_header(self, header: ProxyHeader) -> None:
+        self.proxy_header = header
+        if header.command == "proxy" and header.source is not None:
+            host, port = header.source
+            self.client_host = host
+            self.client = _host_port(host, port)
+
+    def _choose_door(self) -> None:
+        protocols = self.listener.protocols
+        first = self._buffer[0]
+        if first == _TLS_FIRST and "tls" in protocols:
+            self.door = Door(self.listener.name, "tls")
+            self._tls_reader = ClientHelloReader(self.relay.settings.peek_limit)
+            self._feed_tls(bytes(self._buffer))
+        elif first in _HTTP_FIRST and ("http" in protocols or "connect" in protocols):
+            self._http_reader = HttpHeadReader(self.relay.settings.peek_limit)
+            self._feed_http(bytes(self._buffer))
+        elif first == _TLS_FIRST:
+            self._refuse("protocol_not_allowed", f"TLS is not enabled on {self.listener.name}")
+        else:
+            detail = "sslv2" if first & 0x80 else "not a TLS handshake record"
+            if "http" in protocols or "connect" in protocols:
+                detail = "neither TLS nor HTTP"
+            self._refuse("not_tls" if protocols == ("tls",) else "not_recognized", detail)
+
+    def _feed_tls(self, data: bytes) -> None:
+        assert self._tls_reader is not None
+        try:
+            outcome = self._tls_reader.feed(data)
+        except ClientHelloError as e:
+            self._refuse(e.reason, str(e))
+            return
+        if outcome is NEED_MORE:
+            return
+        if isinstance(outcome, NotTLS):  # cannot happen: the first byte was checked
+            self._refuse("not_tls", outcome.detail)
+            return
+        assert isinstance(outcome, ClientHello)
+        self.hello = outcome
+        self._tls_reader = None
+        self._route(outcome.server_name, self.listener.tls_port)
+
+    def _feed_http(self, data: bytes) -> None:
+        reader = self._http_reader
+        assert reader is not None
+        try:
+            outcome = reader.feed(data)
+        except HttpHeadError as e:
+            self.door = self.door or Door(self.listener.name, "http")
+            self._refuse(e.reason, str(e))
+            return
+        if outcome is NEED_MORE:
+            return
+        assert isinstance(outcome, HttpRequest)
+        self.request = outcome
+        self._http_reader = None
+        protocol = "connect" if outcome.is_connect else "http"
+        self.door = Door(self.listener.name, protocol)
+        if protocol not in self.listener.protocols:
+            self._refuse("protocol_not_allowed", f"{protocol} is not enabled on this listener")
+            return
+        if outcome.is_connect:
+            self._skip = outcome.head_size
+            auth = self.relay.auth.get(self.listener.name)
+            if auth is not None:
+                self._authorize(auth.check(outcome.proxy_authorization), outcome)
+                return
+        else:
+            self._follower = reader.follower()
+            if not self._follow(b""):
+                return
+        self._route(outcome.host, outcome.port)
+
+    def _follow(self, data: bytes) -> bool:
+        """Check later requests on a plain-HTTP connection; False if one was refused."""
+        assert self._follower is not None and self.request is not None
+        try:
+            later = self._follower.feed(data)
+        except HttpHeadError as e:
+            self._cut_off("malformed", f"later request: {e}")
+            return False
+        first = self.request
+        for request in later:
+            if request.port != first.port or not _same_name(request.host, first.host):
+                self._cut_off(
+                    "host_switch",
+                    f"a later request on this connection asks for {request.host}:{request.port}",
+                )
+                return False
+        return True
+
+    def _cut_off(self, reason: str, detail: str) -> None:
+        if self.state is not State.SPLICING:
+            self._refuse(reason, detail)
+            return
+        self._refusal = reason
+        self._detail = detail
+        self._count_refusal(reason, detail)
+        self.pump.abort("refused")  # type: ignore[union-attr]
+
+    def _authorize(self, check: defer.Deferred[str | None], request: HttpRequest) -> None:
+        self.state = State.AUTHORIZING
+        self.transport.pauseProducing()  # type: ignore[union-attr]
+        self._pending = check
+
+        def checked(user: str | None) -> None:
+            self._pending = None
+            if self.state is not State.AUTHORIZING:
+                return
+            self.state = State.PEEKING
+            if user is None:
+                self._refuse("auth_required", "Proxy-Authorization is missing or wrong")
+                return
+            self.user = user
+            self._route(request.host, request.port)
+
+        def failed(failure: Failure) -> None:
+            self._pending = None
+            if self.state is State.AUTHORIZING:
+                self._log.failure("{client}: password check failed", failure, client=self.client)
+                self.state = State.PEEKING
+                self._refuse("internal_error", "password check failed")
+
+        check.addCallbacks(checked, failed)
+
     def _peek_timed_out(self) -> None:
         self._timer = None
         if self.state is State.PEEKING:
-            tls = bool(self._buffer) and self._buffer[0] == 0x16
-            self._refuse(
-                "peek_timeout",
-                f"no complete ClientHello after {self.relay.settings.peek_timeout:g}s "
-                f"({len(self._buffer)} bytes)",
-                tls=tls,
+            detail = (
+                f"no complete request after {self.relay.settings.peek_timeout:g}s "
+                f"({len(self._buffer)} bytes)"
             )
+            if self._http_reader is not None and self.door is None:
+                self.door = Door(self.listener.name, "http")
+            self._refuse("peek_timeout", detail)
 
-    def _route(self, hello: ClientHello) -> None:
+    # -- routing
+
+    def _route(self, name: str | None, port: int) -> None:
+        assert self.door is not None
         self._cancel_timer()
         self._routed_at = self.relay.reactor.seconds()
-        reached: int = getattr(self.transport.getHost(), "port", 0)  # type: ignore[union-attr]
-        port = self.listener.target_port or reached
-        client_host = getattr(self.transport.getPeer(), "host", self.client)  # type: ignore[union-attr]
-        decision = self.relay.policy.decide(FRONT_DOOR_TLS, hello.server_name, port, client_host)
+        decision = self.relay.policy.decide(self.door, name, port, self.client_host or "")
         if isinstance(decision, Refusal):
-            self._refuse(decision.reason, decision.detail, tls=True)
+            self._refuse(decision.reason, decision.detail)
             return
+        assert name is not None
+        host = normalize_name(name)
         self.route = decision
+        self.target = (host, port)
         self.state = State.CONNECTING
         self.transport.pauseProducing()  # type: ignore[union-attr]
-        assert hello.server_name is not None
         try:
-            d = self.relay.connector.connect(decision, hello.server_name, port, _BACKEND_FACTORY)
+            d = self.relay.connector.connect(decision, host, port, _BACKEND_FACTORY)
         except Exception as e:  # a bad endpoint must cost this connection only
             self._backend_failed("connect_failed", f"cannot build backend endpoint: {e}")
             return
-        self._connecting = d
+        self._pending = d
         d.addCallbacks(self._connected, self._connect_failed)
 
     # -- connecting
 
     def _connected(self, protocol: BackendProtocol) -> None:
-        self._connecting = None
+        self._pending = None
         transport = protocol.transport
         if self.state is not State.CONNECTING:
             transport.abortConnection()  # type: ignore[union-attr]
@@ -231,18 +459,38 @@ class RelayProtocol(Protocol):
             on_done=self._spliced,
         )
         protocol.pump = self.pump
-        replay, self._buffer = bytes(self._buffer), bytearray()
+        if self.route is not None and self.route.proxy_protocol is not None:
+            transport.write(self._outbound_proxy_header(self.route.proxy_protocol))  # type: ignore[union-attr]
+        if self.door is not None and self.door.protocol == "connect":
+            self.transport.write(CONNECT_ESTABLISHED)  # type: ignore[union-attr]
+        replay = bytes(self._buffer[self._skip :])
+        self._buffer = bytearray()
         self.pump.start(transport, replay)  # type: ignore[arg-type]
-        if self._eof_while_connecting:
+        if self._eof_while_waiting:
             self.pump.client_eof()
 
+    def _outbound_proxy_header(self, version: str) -> bytes:
+        """The PROXY header naming the real client, as the route asks for it."""
+        header = self.proxy_header
+        source: tuple[str, int] | None
+        destination: tuple[str, int] | None
+        if header is not None and header.command == "proxy" and header.source is not None:
+            source, destination = header.source, header.destination
+        else:
+            source = _ip_port(self.transport.getPeer())  # type: ignore[union-attr]
+            destination = _ip_port(self.transport.getHost())  # type: ignore[union-attr]
+        encode = encode_v2 if version == "v2" else encode_v1
+        return encode(source, destination)
+
     def _connect_failed(self, failure: Failure) -> None:
-        self._connecting = None
+        self._pending = None
         if self.state is not State.CONNECTING:
             return  # the client left and we cancelled
         if failure.check(defer.TimeoutError, error.TimeoutError):
             reason = "connect_timeout"
             detail = f"no connection within {self.relay.settings.connect_timeout:g}s"
+        elif failure.check(AddressDenied):
+            reason, detail = "address_denied", _one_line(failure)
         elif failure.check(error.DNSLookupError):
             reason, detail = "resolve_failed", _one_line(failure)
         else:
@@ -252,19 +500,20 @@ class RelayProtocol(Protocol):
     def _backend_failed(self, reason: str, detail: str) -> None:
         self.relay.stats.backend_failures[reason] += 1
         self._log.warn(
-            "{client} -> {sni}: {reason} to {backend}: {detail}",
+            "{client} -> {target}: {reason} to {backend}: {detail}",
             client=self.client,
-            sni=self.hello.server_name if self.hello else None,
+            target=self._target_text(),
             reason=reason,
             backend=self.route.backend if self.route else None,
             detail=detail,
         )
-        self._close(reason, detail, alert=ALERT_INTERNAL_ERROR)
+        self._close(reason, detail, answer=self._answer(reason, detail, failed=True))
 
     # -- splicing
 
     def _spliced(self, result: PumpResult) -> None:
-        self._close_reason = result.reason
+        if self._refusal is None:
+            self._close_reason = result.reason
         self.relay.stats.bytes_up += result.bytes_up
         self.relay.stats.bytes_down += result.bytes_down
         self._finish(
@@ -287,9 +536,7 @@ class RelayProtocol(Protocol):
 
     # -- ending
 
-    def _refuse(self, reason: str, detail: str, *, tls: bool) -> None:
-        self._cancel_timer()
-        self._refusal = reason
+    def _count_refusal(self, reason: str, detail: str) -> None:
         self.relay.stats.refused[reason] += 1
         self._log.info(
             "refused {client} on {listener}: {reason} ({detail})",
@@ -297,23 +544,51 @@ class RelayProtocol(Protocol):
             listener=self.listener.name,
             reason=reason,
             detail=detail,
-            sni=self.hello.server_name if self.hello else None,
+            target=self._target_text(),
         )
-        self._close("refused", detail, alert=ALERT_UNRECOGNIZED_NAME if tls else None)
 
-    def _close(self, reason: str, detail: str, *, alert: int | None = None) -> None:
+    def _refuse(self, reason: str, detail: str) -> None:
+        self._cancel_timer()
+        self._refusal = reason
+        self._count_refusal(reason, detail)
+        self._close("refused", detail, answer=self._answer(reason, detail))
+
+    def _answer(self, reason: str, detail: str, *, failed: bool = False) -> bytes:
+        """What to tell the client, in its door's language, before closing."""
+        protocol = self.door.protocol if self.door is not None else None
+        if protocol is None and self._buffer[:1] == b"\x16":
+            protocol = "tls"
+        if protocol == "tls":
+            internal = failed or reason == "internal_error"
+            return tls_alert(ALERT_INTERNAL_ERROR if internal else ALERT_UNRECOGNIZED_NAME)
+        if protocol in ("http", "connect"):
+            status = _HTTP_STATUS.get(reason, 403)
+            extra = _PROXY_AUTHENTICATE if status == 407 else b""
+            return error_response(status, reason, detail, extra=extra)
+        return b""
+
+    def _close(self, reason: str, detail: str, *, answer: bytes = b"") -> None:
         self.state = State.CLOSING
         self._close_reason = reason
         self._detail = detail
         self._buffer = bytearray()
-        if alert is not None:
-            self.transport.write(tls_alert(alert))  # type: ignore[union-attr]
+        if answer:
+            self.transport.write(answer)  # type: ignore[union-attr]
         self.transport.loseConnection()  # type: ignore[union-attr]
 
     def _cancel_timer(self) -> None:
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
         self._timer = None
+
+    def _target_text(self) -> str | None:
+        if self.target is not None:
+            return _host_port(*self.target)
+        if self.hello is not None:
+            return self.hello.server_name
+        if self.request is not None and self.request.host is not None:
+            return _host_port(self.request.host, self.request.port)
+        return None
 
     def _finish(
         self,
@@ -325,19 +600,31 @@ class RelayProtocol(Protocol):
         paused_down: float = 0.0,
     ) -> None:
         self.state = State.CLOSED
-        self.relay.connections.pop(self.id, None)
+        self.relay.closed(self)
+        if self._admitted and self.client_host is not None:
+            self._admitted = False
+            remaining = self.relay.per_client[self.client_host] - 1
+            if remaining > 0:
+                self.relay.per_client[self.client_host] = remaining
+            else:
+                del self.relay.per_client[self.client_host]
         reason = self._close_reason or "done"
         self.relay.stats.closed[reason] += 1
         now = self.relay.reactor.seconds()
         hello = self.hello
         route = self.route
+        request = self.request
         self.relay.access.info(
-            "{client} {sni} -> {backend_address} {close_reason}",
+            "{client} {target} -> {backend_address} {close_reason}",
             id=self.id,
             listener=self.listener.name,
             client=self.client,
-            front_door=FRONT_DOOR_TLS,
+            peer=self.peer if self.peer != self.client else None,
+            front_door=self.door.protocol if self.door else None,
+            target=self._target_text(),
             sni=hello.server_name if hello else None,
+            method=request.method if request else None,
+            user=self.user,
             alpn=list(hello.alpn) if hello and hello.alpn else None,
             ech=True if hello and hello.ech else None,
             hello_bytes=hello.size if hello else None,
@@ -357,6 +644,20 @@ class RelayProtocol(Protocol):
             closed_first=closed_first,
             detail=self._detail,
         )
+
+
+def _ip_port(address: IAddress) -> tuple[str, int] | None:
+    host, port = getattr(address, "host", None), getattr(address, "port", None)
+    return (host, port) if host is not None and port is not None else None
+
+
+def _same_name(a: str | None, b: str | None) -> bool:
+    if a is None or b is None:
+        return a == b
+    try:
+        return normalize_name(a) == normalize_name(b)
+    except ValueError:
+        return False
 
 
 def _ms(end: float | None, start: float | None) -> float | None:
@@ -379,7 +680,11 @@ class RelayFactory(ServerFactory):
         self.relay = relay
         self.listener = listener
 
-    def buildProtocol(self, addr: IAddress | None) -> RelayProtocol:
+    def buildProtocol(self, addr: IAddress | None) -> RelayProtocol | None:
+        if self.relay.at_limit():
+            # Accepting paused at the limit, but one accept batch may overshoot it.
+            self.relay.stats.refused["over_limit"] += 1
+            return None
         protocol = RelayProtocol(self.relay, self.listener)
         protocol.factory = self
         return protocol

@@ -3,6 +3,11 @@
 One :class:`Relay` sits behind every listener of a service. Connections read
 its ``policy`` and ``connector`` when they route, so swapping those (a reload)
 changes what new connections do and never touches established ones.
+
+It also holds the connection limits: at ``max_connections`` it stops reading from
+the listening sockets (new connections wait in the kernel's backlog instead of being
+accepted and dropped in a spin), and it counts connections per client address for
+``max_connections_per_client``.
 """
 
 from __future__ import annotations
@@ -17,9 +22,10 @@ from twisted.logger import ILogObserver, LogEvent, Logger
 from zope.interface import implementer
 
 from acrrelay.accesslog import AccessLog
+from acrrelay.auth import BasicAuth, Runner
 from acrrelay.backends import BackendConnector
-from acrrelay.config import RelayConfig
-from acrrelay.routing import Policy
+from acrrelay.config import ListenerConfig, RelayConfig
+from acrrelay.routing import ListenerPolicy, Policy, Refusal, client_ip
 
 if TYPE_CHECKING:
     from acrrelay.peek import RelayProtocol
@@ -56,6 +62,8 @@ class RelayStats:
     """Counters since start. Refusals and closes are counted by reason."""
 
     accepted: int = 0
+    #: Times accepting paused because max_connections was reached.
+    limit_pauses: int = 0
     refused: Counter[str] = attrs.Factory(Counter)
     closed: Counter[str] = attrs.Factory(Counter)
     backend_failures: Counter[str] = attrs.Factory(Counter)
@@ -72,16 +80,30 @@ class Relay:
         reactor: Any,
         *,
         access_observer: AccessObserver | None = None,
+        auth_runner: Runner | None = None,
     ) -> None:
         self.reactor = reactor
         self.config = config
         self.settings = Settings.from_config(config)
-        self.policy = Policy(config.route_table())
+        self.policy = Policy(
+            config.route_table(),
+            {listener.name: _listener_policy(listener) for listener in config.listeners},
+        )
         self.connector = BackendConnector(
             reactor, hosts=config.hosts, connect_timeout=config.connect_timeout
         )
+        self.auth = {
+            listener.name: BasicAuth(listener.connect_users, reactor, auth_runner)
+            for listener in config.listeners
+            if listener.connect_users is not None
+        }
         self.stats = RelayStats()
         self.connections: dict[int, RelayProtocol] = {}
+        self.per_client: Counter[str] = Counter()
+        #: Set from the file-descriptor limit by the service when the config says 0.
+        self.max_connections = config.max_connections or 1 << 30
+        self._ports: list[Any] = []
+        self.accepting = True
         self._ids = itertools.count(1)
         self.access_log: AccessLog | None = None
         if access_observer is None and config.access_log is not None:
@@ -95,6 +117,49 @@ class Relay:
     def next_id(self) -> int:
         return next(self._ids)
 
+    def trusts_proxy_header(self, listener: ListenerConfig, host: str | None) -> bool:
+        """Whether a peer on ``listener`` must begin with a PROXY protocol header."""
+        if not listener.proxy_protocol_from or host is None:
+            return False
+        address = client_ip(host)
+        return address is not None and any(
+            address in network for network in listener.proxy_protocol_from
+        )
+
+    def admit_client(self, host: str | None) -> Refusal | None:
+        """The per-client limit: None if ``host`` may open one more connection."""
+        limit = self.config.max_connections_per_client
+        if limit and host is not None and self.per_client[host] >= limit:
+            return Refusal("client_limit", f"{host} already has {limit} connections")
+        return None
+
+    # -- the connection table, and accepting
+
+    def watch_ports(self, ports: list[Any]) -> None:
+        """The listening ports to pause and resume at the connection limit."""
+        self._ports = ports
+
+    def at_limit(self) -> bool:
+        return len(self.connections) >= self.max_connections
+
+    def opened(self, connection: RelayProtocol) -> None:
+        self.connections[connection.id] = connection
+        self.stats.accepted += 1
+        if self.accepting and self.at_limit():
+            self.accepting = False
+            self.stats.limit_pauses += 1
+            for port in self._ports:
+                if hasattr(port, "stopReading"):
+                    port.stopReading()
+
+    def closed(self, connection: RelayProtocol) -> None:
+        self.connections.pop(connection.id, None)
+        if not self.accepting and not self.at_limit():
+            self.accepting = True
+            for port in self._ports:
+                if hasattr(port, "startReading"):
+                    port.startReading()
+
     def open(self) -> None:
         if self.access_log is not None:
             self.access_log.open()
@@ -102,6 +167,10 @@ class Relay:
     def close(self) -> None:
         if self.access_log is not None:
             self.access_log.close()
+
+
+def _listener_policy(listener: ListenerConfig) -> ListenerPolicy:
+    return ListenerPolicy(frozenset(listener.protocols), listener.allow, listener.deny)
 
 
 @implementer(ILogObserver)

@@ -16,13 +16,17 @@ then the longest ``*.`` suffix.
 
 :func:`Policy.decide` is the one function every front door calls with
 (front door, target name, target port, client address). It answers with a
-:class:`Route` or a :class:`Refusal`. Nothing is reachable unless a route names it.
+:class:`Route` or a :class:`Refusal`, checking in turn: the listener's client ACL,
+that the listener accepts this protocol, that the name is a host name and not an
+IP literal in disguise, that a route covers it, and that the route allows the port.
+Nothing is reachable unless a route names it.
 
 This module is pure: no reactor, no sockets.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from collections.abc import Iterable, Mapping
 from typing import Final, Literal
@@ -30,8 +34,12 @@ from typing import Final, Literal
 import attrs
 
 __all__ = [
+    "DEFAULT_PORTS",
+    "PROTOCOLS",
     "RESOLVE",
+    "Door",
     "InvalidName",
+    "ListenerPolicy",
     "Pattern",
     "Policy",
     "Refusal",
@@ -44,9 +52,19 @@ __all__ = [
 
 #: The backend that means "connect to the requested name itself, through the relay's resolver".
 RESOLVE: Final = "resolve"
+#: The target ports a route allows unless it says otherwise.
+DEFAULT_PORTS: Final = frozenset({443, 80})
+#: The front doors a listener may accept.
+PROTOCOLS: Final = ("tls", "http", "connect")
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 _LABEL = re.compile(r"[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9_])?\Z")
 _GLOB_LABEL = re.compile(r"([a-z0-9_-]*)\*([a-z0-9_-]*)\Z")
+# A last label of digits, or 0x-hex, is an IP address in one of inet_aton's forms
+# (127.0.0.1, 0177.0.0.1, 2130706433, 0x7f000001): no top-level domain looks like that.
+_NUMERIC_LABEL = re.compile(r"(?:[0-9]+|0x[0-9a-f]*)\Z")
 
 
 class InvalidName(ValueError):
@@ -134,6 +152,11 @@ def parse_pattern(text: str) -> Pattern:
     return Pattern(f"{first}.{suffix}", "label", rest=suffix, prefix=prefix, postfix=postfix)
 
 
+def is_ip_literal(host: str) -> bool:
+    """Whether a normalised host name is really an IP address (any inet_aton form)."""
+    return bool(_NUMERIC_LABEL.match(host.rpartition(".")[2]))
+
+
 @attrs.frozen
 class Route:
     """Where a name goes: a pattern, a backend, and where the route came from."""
@@ -145,6 +168,12 @@ class Route:
     service: str = "custom"
     #: Where it was defined, for messages: "etc/acrrelay.toml route[2]", "acr cn-beijing".
     origin: str = ""
+    #: Target ports a client may ask for on this route.
+    ports: frozenset[int] = DEFAULT_PORTS
+    #: Send a PROXY protocol header ("v1" or "v2") to the backend first; None for none.
+    proxy_protocol: str | None = None
+    #: For ``resolve``: resolved addresses allowed although the deny-list covers them.
+    allow_addresses: tuple[IPNetwork, ...] = ()
 
     @property
     def name(self) -> str:
@@ -215,34 +244,98 @@ class RouteTable:
         return None
 
 
+@attrs.frozen
+class Door:
+    """A front door: which listener, and which protocol on it (tls, http or connect)."""
+
+    listener: str
+    protocol: str
+
+    def __str__(self) -> str:
+        return f"{self.protocol} on {self.listener}"
+
+
+@attrs.frozen
+class ListenerPolicy:
+    """What a listener admits: its protocols, and client ACLs (deny wins; empty allow = all)."""
+
+    protocols: frozenset[str] = frozenset({"tls"})
+    allow: tuple[IPNetwork, ...] = ()
+    deny: tuple[IPNetwork, ...] = ()
+
+
+_NO_NAME_REASON: Final = {"tls": "no_sni", "http": "no_host"}
+
+
+def client_ip(client: str) -> IPAddress | None:
+    """The client's IP address (IPv4-mapped IPv6 as IPv4), or None if it has none."""
+    try:
+        address = ipaddress.ip_address(client)
+    except ValueError:
+        return None
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return address.ipv4_mapped
+    return address
+
+
 class Policy:
     """The single decision point for every front door: route or refuse, with a reason.
 
-    ``allowed_ports`` maps a front door to the target ports it may reach; a front
-    door missing from the map may reach any port its listener implies.
+    ``listeners`` maps listener names to what they admit; a listener missing from it
+    admits every client on the TLS front door only.
     """
 
     def __init__(
         self,
         table: RouteTable,
-        *,
-        allowed_ports: Mapping[str, frozenset[int]] | None = None,
+        listeners: Mapping[str, ListenerPolicy] | None = None,
     ) -> None:
         self.table = table
-        self._allowed_ports = dict(allowed_ports or {})
+        self._listeners = dict(listeners or {})
+        self._default = ListenerPolicy()
 
-    def decide(self, front_door: str, name: str | None, port: int, client: str) -> Route | Refusal:
+    def admit(self, listener: str, client: str) -> Refusal | None:
+        """The client ACL alone, for refusing a connection before reading from it."""
+        rules = self._listeners.get(listener, self._default)
+        if not rules.allow and not rules.deny:
+            return None
+        address = client_ip(client)
+        if address is None:
+            if rules.allow:
+                return Refusal("client_denied", f"{client} has no IP address to allow")
+            return None
+        for network in rules.deny:
+            if address in network:
+                return Refusal("client_denied", f"{address} is in denied {network}")
+        if rules.allow and not any(address in network for network in rules.allow):
+            return Refusal("client_denied", f"{address} is not in an allowed network")
+        return None
+
+    def decide(self, door: Door, name: str | None, port: int, client: str) -> Route | Refusal:
         """Route a target or refuse it. Never raises for bad input; refuses it."""
-        if name is None:
-            return Refusal("no_sni", f"{front_door} request carries no target name")
+        denied = self.admit(door.listener, client)
+        if denied is not None:
+            return denied
+        rules = self._listeners.get(door.listener, self._default)
+        if door.protocol not in rules.protocols:
+            return Refusal(
+                "protocol_not_allowed", f"{door.protocol} is not enabled on {door.listener}"
+            )
+        if not name:
+            reason = _NO_NAME_REASON.get(door.protocol, "malformed")
+            return Refusal(reason, f"{door.protocol} request carries no target name")
         try:
             host = normalize_name(name)
         except InvalidName as e:
             return Refusal("malformed", f"bad target name: {e}")
-        ports = self._allowed_ports.get(front_door)
-        if ports is not None and port not in ports:
-            return Refusal("port_not_allowed", f"port {port} is not allowed for {front_door}")
+        if is_ip_literal(host):
+            return Refusal("ip_literal", f"{host} is an IP address, not a routed name")
         route = self.table.lookup(host)
         if route is None:
             return Refusal("not_allowed", f"no route for {host}")
+        if port not in route.ports:
+            allowed = ", ".join(str(p) for p in sorted(route.ports))
+            return Refusal(
+                "port_not_allowed", f"port {port} is not allowed for {route.name} ({allowed})"
+            )
         return route

@@ -17,8 +17,12 @@ endpoint and the reason; nothing is left half-bound.
 
 from __future__ import annotations
 
-from typing import Any
+import ipaddress
+import resource
+from collections.abc import Iterable
+from typing import Any, Final
 
+import psutil
 from twisted.application.service import MultiService
 from twisted.internet import defer, error
 from twisted.internet.endpoints import serverFromString
@@ -30,7 +34,40 @@ from acrrelay.config import ListenerConfig, RelayConfig
 from acrrelay.peek import RelayFactory, describe
 from acrrelay.relay import AccessObserver, Relay
 
-__all__ = ["ListenError", "RelayService", "make_relay_service"]
+__all__ = ["ListenError", "RelayService", "make_relay_service", "raise_fd_limit"]
+
+#: Descriptors kept back from the connection limit: listeners, logs, resolver threads.
+FD_RESERVE: Final = 64
+
+
+def raise_fd_limit() -> int:
+    """Raise the soft RLIMIT_NOFILE to the hard limit where allowed; return the soft limit."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or hard > soft:
+        target = 1 << 20 if hard == resource.RLIM_INFINITY else hard
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (ValueError, OSError):
+            pass
+    return soft
+
+
+def connections_for(fd_limit: int) -> int:
+    """How many relayed connections fit in ``fd_limit`` descriptors (two each)."""
+    return max(1, (fd_limit - FD_RESERVE) // 2)
+
+
+def local_addresses() -> list[ipaddress.IPv4Address | ipaddress.IPv6Address]:
+    """Every address of this machine's interfaces."""
+    found = []
+    for addresses in psutil.net_if_addrs().values():
+        for address in addresses:
+            try:
+                found.append(ipaddress.ip_address(address.address.split("%")[0]))
+            except ValueError:
+                continue  # MAC addresses and the like
+    return found
 
 
 class ListenError(Exception):
@@ -63,6 +100,7 @@ class RelayService(MultiService):
 
     def startService(self) -> None:
         self._bind()
+        self._apply_limits()
         self.relay.open()
         super().startService()
         for port, listener in zip(self.ports, self.config.listeners, strict=False):
@@ -81,6 +119,18 @@ class RelayService(MultiService):
         self._bound = False
         yield defer.gatherResults([defer.maybeDeferred(p.stopListening) for p in ports])
         self.relay.close()
+
+    def _apply_limits(self) -> None:
+        self.relay.watch_ports(self.ports)
+        self.relay.connector.guard.set_own(_own_endpoints(self.addresses(), local_addresses))
+        if not self.config.max_connections:
+            fd_limit = raise_fd_limit()
+            self.relay.max_connections = connections_for(fd_limit)
+            self._log.info(
+                "at most {limit} connections at once ({fds} file descriptors)",
+                limit=self.relay.max_connections,
+                fds=fd_limit,
+            )
 
     def addresses(self) -> list[Any]:
         """The bound addresses, in listener order (port 0 shows the port chosen)."""
@@ -113,6 +163,25 @@ class RelayService(MultiService):
         if isinstance(result, Failure):
             raise ListenError(f"cannot listen on {listener.endpoint}: {_why(result)}")
         return result
+
+
+def _own_endpoints(
+    bound: Iterable[Any], interfaces: Any
+) -> set[tuple[ipaddress.IPv4Address | ipaddress.IPv6Address, int]]:
+    """(address, port) pairs that reach this relay: a wildcard listener is on every interface."""
+    own: set[tuple[ipaddress.IPv4Address | ipaddress.IPv6Address, int]] = set()
+    local: list[ipaddress.IPv4Address | ipaddress.IPv6Address] | None = None
+    for address in bound:
+        host, port = getattr(address, "host", None), getattr(address, "port", None)
+        if host is None or port is None:
+            continue
+        ip = ipaddress.ip_address(host.split("%")[0])
+        if ip.is_unspecified:
+            local = local if local is not None else interfaces()
+            own.update((each, port) for each in local)
+        else:
+            own.add((ip, port))
+    return own
 
 
 def _why(failure: Failure) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from twisted.internet.address import IPv4Address
+from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.interfaces import IHalfCloseableProtocol, ITCPTransport
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.logger import ILogObserver, LogEvent
@@ -87,11 +88,13 @@ backend = "resolve"
 class Harness:
     """A Relay on a MemoryReactorClock, and helpers to accept and connect connections."""
 
-    def __init__(self, toml: str = RELAY_TOML) -> None:
+    def __init__(self, toml: str = RELAY_TOML, source: str = "<test>") -> None:
         self.reactor = MemoryReactorClock()
         self.events = Events()
-        self.config = parse_config(toml)
-        self.relay = Relay(self.config, self.reactor, access_observer=self.events)
+        self.config = parse_config(toml, source)
+        self.relay = Relay(
+            self.config, self.reactor, access_observer=self.events, auth_runner=run_now
+        )
         self.factory = RelayFactory(self.relay, self.config.listeners[0])
 
     def accept(self, peer: tuple[str, int] = ("192.0.2.7", 40000)) -> tuple[RelayProtocol, PipeEnd]:
@@ -112,6 +115,11 @@ class Harness:
 
     def backend_factory(self, index: int = -1) -> Any:
         return self.reactor.tcpClients[index][2]
+
+
+def run_now(f: Any, *args: Any) -> Deferred[Any]:
+    """Run a 'blocking' function at once: bcrypt checks without a thread pool."""
+    return maybeDeferred(f, *args)
 
 
 def is_half_closeable(protocol: object) -> bool:

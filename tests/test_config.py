@@ -114,11 +114,6 @@ MISTAKES = {
         "listen",
         "no listeners",
     ),
-    "unix listener without target port": (
-        '[[listen]]\nendpoint = "unix:/tmp/relay.sock"\n[[acr]]\nregion = "cn-beijing"\n',
-        "listen[0].target_port",
-        "a unix: listener has no port for resolve routes to use; set target_port",
-    ),
     "invalid toml": (
         "[[listen]\nendpoint = 1\n",
         "",

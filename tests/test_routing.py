@@ -8,6 +8,7 @@ from hypothesis import strategies as st
 
 from acrrelay.catalogue import REGIONS, UnknownRegion, acr_entries
 from acrrelay.routing import (
+    Door,
     InvalidName,
     Policy,
     Refusal,
@@ -120,14 +121,18 @@ def test_duplicate_and_conflicting_routes_are_errors() -> None:
 
 def test_policy_routes_and_refuses_with_reasons() -> None:
     """decide() answers a Route or a Refusal whose reason is a stable token."""
-    policy = Policy(table(("a.example.com", "x")), allowed_ports={"connect": frozenset({443})})
-    assert isinstance(policy.decide("tls", "A.example.com.", 443, "10.0.0.1"), Route)
-    assert policy.decide("tls", None, 443, "10.0.0.1") == Refusal(
+    policy = Policy(table(("a.example.com", "x")))
+    tls = Door("front", "tls")
+    assert isinstance(policy.decide(tls, "A.example.com.", 443, "10.0.0.1"), Route)
+    assert policy.decide(tls, None, 443, "10.0.0.1") == Refusal(
         "no_sni", "tls request carries no target name"
     )
-    assert policy.decide("tls", "b.example.com", 443, "10.0.0.1").reason == "not_allowed"  # type: ignore[union-attr]
-    assert policy.decide("tls", "bad name", 443, "10.0.0.1").reason == "malformed"  # type: ignore[union-attr]
-    assert policy.decide("connect", "a.example.com", 22, "10.0.0.1").reason == "port_not_allowed"  # type: ignore[union-attr]
+    assert policy.decide(tls, "b.example.com", 443, "10.0.0.1").reason == "not_allowed"  # type: ignore[union-attr]
+    assert policy.decide(tls, "bad name", 443, "10.0.0.1").reason == "malformed"  # type: ignore[union-attr]
+    assert policy.decide(tls, "a.example.com", 22, "10.0.0.1").reason == "port_not_allowed"  # type: ignore[union-attr]
+    # A listener missing from the policy takes TLS only.
+    http = Door("front", "http")
+    assert policy.decide(http, "a.example.com", 80, "10.0.0.1").reason == "protocol_not_allowed"  # type: ignore[union-attr]
 
 
 @given(st.from_regex(r"[a-z0-9-]{1,10}(\.[a-z0-9-]{1,10}){0,4}", fullmatch=True))

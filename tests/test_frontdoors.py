@@ -1,0 +1,493 @@
+"""Layer 2: the plain-HTTP, CONNECT and PROXY-protocol front doors, ACLs and limits."""
+
+from __future__ import annotations
+
+import base64
+from pathlib import Path
+
+import bcrypt
+import h11
+import pytest
+from twisted.internet.address import IPv4Address
+from twisted.internet.error import ConnectionDone, ConnectionLost
+from twisted.python.failure import Failure
+
+from acrrelay.peek import RelayProtocol, State
+from acrrelay.proxyproto import ProxyHeaderReader, encode_v1, encode_v2
+from acrrelay.testing import client_hello_bytes
+from tests.doubles import Harness, PipeEnd
+
+REGISTRY = "registry.cn-beijing.aliyuncs.com"
+HELLO = client_hello_bytes(REGISTRY)
+
+FRONT = """
+[[listen]]
+endpoint = "tcp:443"
+name = "front"
+protocols = ["tls", "http", "connect"]
+proxy_protocol_from = ["10.9.0.0/16"]
+deny = ["203.0.113.0/24"]
+[[route]]
+name = "registry.cn-beijing.aliyuncs.com"
+backend = "tcp:host=10.1.1.1:port=443"
+[[route]]
+name = "*.oss-cn-beijing.aliyuncs.com"
+backend = "resolve"
+[[route]]
+name = "proxied.example.com"
+backend = "tcp:host=10.3.3.3:port=443"
+proxy_protocol = "v2"
+[[route]]
+name = "loopback.example.com"
+backend = "resolve"
+[[route]]
+name = "allowed-loopback.example.com"
+backend = "resolve"
+allow_addresses = ["127.0.0.0/8"]
+[resolver.hosts]
+"bkt.oss-cn-beijing.aliyuncs.com" = "10.2.2.2"
+"meta.oss-cn-beijing.aliyuncs.com" = "100.100.100.200"
+"loopback.example.com" = ["127.0.0.1", "::1"]
+"allowed-loopback.example.com" = "127.0.0.1"
+"""
+
+
+def response_of(data: bytes) -> tuple[int, dict[bytes, bytes], bytes]:
+    """Parse an HTTP response the relay wrote, with h11 as a client would."""
+    conn = h11.Connection(h11.CLIENT)
+    conn.send(h11.Request(method="GET", target="/", headers=[("Host", "x")]))
+    conn.send(h11.EndOfMessage())
+    conn.receive_data(data)
+    event = conn.next_event()
+    assert isinstance(event, h11.Response), event
+    body = b""
+    while True:
+        part = conn.next_event()
+        if isinstance(part, h11.Data):
+            body += part.data
+        else:
+            break
+    return event.status_code, dict(event.headers), body
+
+
+def closed(transport: PipeEnd) -> None:
+    transport.protocol.connectionLost(Failure(ConnectionLost()))
+
+
+# -- plain HTTP
+
+
+def test_http_routes_by_host_and_forwards_byte_exact() -> None:
+    """A plain request goes to the Host's route, and the backend gets the exact bytes."""
+    h = Harness(FRONT)
+    protocol, client = h.accept()
+    request = b"GET /v2/ HTTP/1.1\r\nHost: Registry.CN-Beijing.aliyuncs.com:80\r\nX: y\r\n\r\n"
+    protocol.dataReceived(request[:10])
+    protocol.dataReceived(request[10:])
+    assert [(host, port) for host, port, *_ in h.reactor.tcpClients] == [("10.1.1.1", 443)]
+    _, backend = h.connect_backend()
+    assert backend.value() == request
+    assert client.value() == b""
+    assert protocol.door is not None and protocol.door.protocol == "http"
+    assert protocol.target == (REGISTRY, 80)
+
+
+def test_absolute_uri_routes_by_the_uri_host() -> None:
+    """GET http://host/… is routed by the URI's host, whatever Host says."""
+    h = Harness(FRONT)
+    protocol, _ = h.accept()
+    protocol.dataReceived(
+        b"GET http://bkt.oss-cn-beijing.aliyuncs.com/blob HTTP/1.1\r\nHost: evil.example\r\n\r\n"
+    )
+    assert [(host, port) for host, port, *_ in h.reactor.tcpClients] == [("10.2.2.2", 80)]
+
+
+@pytest.mark.parametrize(
+    ("request_bytes", "status", "reason"),
+    [
+        (b"GET / HTTP/1.1\r\nHost: unknown.example.com\r\n\r\n", 403, "not_allowed"),
+        (b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n", 403, "ip_literal"),
+        (b"GET / HTTP/1.1\r\nHost: 2130706433\r\n\r\n", 403, "ip_literal"),
+        (b"GET / HTTP/1.1\r\nHost: [::1]\r\n\r\n", 400, "malformed"),
+        (b"GET / HTTP/1.1\r\nHost: " + REGISTRY.encode() + b":22\r\n\r\n", 403, "port_not_allowed"),
+        (b"GET / HTTP/1.0\r\n\r\n", 400, "no_host"),
+        (b"GET / HTTP/1.1\r\n\r\n", 400, "malformed"),
+        (b"GET /\x01 HTTP/1.1\r\nHost: a\r\n\r\n", 400, "malformed"),
+        (
+            b"POST / HTTP/1.1\r\nHost: " + REGISTRY.encode() + b"\r\nContent-Length: 4\r\n"
+            b"Transfer-Encoding: chunked\r\n\r\n",
+            400,
+            "malformed",
+        ),
+        (b"GET https://" + REGISTRY.encode() + b"/ HTTP/1.1\r\nHost: a\r\n\r\n", 400, "malformed"),
+        (b"GET / HTTP/1.1\r\nHost: a\r\nX: " + b"x" * 20000, 431, "too_large"),
+    ],
+)
+def test_http_refusals_get_an_http_error(request_bytes: bytes, status: int, reason: str) -> None:
+    """Refused or broken requests get a proper HTTP error naming the reason, then a close."""
+    h = Harness(FRONT)
+    protocol, client = h.accept()
+    protocol.dataReceived(request_bytes)
+    assert client.disconnecting
+    got_status, headers, body = response_of(client.value())
+    assert got_status == status
+    assert headers[b"connection"] == b"close"
+    assert body.startswith(f"acrrelay: {reason}: ".encode())
+    assert h.reactor.tcpClients == []
+    closed(client)
+    assert h.relay.stats.refused[reason] == 1
+    assert h.events[-1]["close_reason"] == f"refused:{reason}"
+
+
+def test_http_peek_timeout_gets_408() -> None:
+    """A request head that never ends is answered 408 at the peek timeout."""
+    h = Harness(FRONT)
+    protocol, client = h.accept()
+    protocol.dataReceived(b"GET / HTTP/1.1\r\nHost: a")
+    h.reactor.advance(10)
+    assert response_of(client.value())[0] == 408
+
+
+def test_a_later_request_for_another_host_is_cut_off() -> None:
+    """On keep-alive, a request for another host after an allowed one never reaches anyone."""
+    h = Harness(FRONT)
+    protocol, client = h.accept()
+    first = b"GET /a HTTP/1.1\r\nHost: " + REGISTRY.encode() + b"\r\n\r\n"
+    protocol.dataReceived(first)
+    _, backend = h.connect_backend()
+    same = b"GET /b HTTP/1.1\r\nHost: " + REGISTRY.upper().encode() + b"\r\n\r\n"
+    protocol.dataReceived(same)
+    assert backend.value() == first + same
+    protocol.dataReceived(b"GET /c HTTP/1.1\r\nHost: bkt.oss-cn-beijing.aliyuncs.com\r\n\r\n")
+    assert backend.value() == first + same  # not forwarded
+    assert client.disconnected and backend.disconnected
+    assert len(h.reactor.tcpClients) == 1
+    closed(client)
+    backend.protocol.connectionLost(Failure(ConnectionLost()))
+    assert h.events[-1]["close_reason"] == "refused:host_switch"
+    assert h.relay.stats.refused["host_switch"] == 1
+
+
+def test_a_smuggled_request_in_the_first_read_is_refused_before_connecting() -> None:
+    """Two pipelined requests in one read, the second to another host: refused at once."""
+    h = Harness(FRONT)
+    protocol, client = h.accept()
+    protocol.dataReceived(
+        b"GET / HTTP/1.1\r\nHost: " + REGISTRY.encode() + b"\r\n\r\n"
+        b"GET / HTTP/1.1\r\nHost: bkt.oss-cn-beijing.aliyuncs.com\r\n\r\n"
+    )
+    assert h.reactor.tcpClients == []
+    assert response_of(client.value())[0] == 403
+
+
+def test_a_body_that_looks_like_a_request_is_body() -> None:
+    """Body bytes are not mistaken for a later request: framing is followed."""
+    h = Harness(FRONT)
+    protocol, client = h.accept()
+    body = b"GET / HTTP/1.1\r\nHost: evil.example\r\n\r\n"
+    request = (
+        b"POST /x HTTP/1.1\r\nHost: " + REGISTRY.encode()
+        + b"\r\nContent-Length: " + str(len(body)).encode() + b"\r\n\r\n"
+    )  # fmt: skip
+    protocol.dataReceived(request)
+    _, backend = h.connect_backend()
+    protocol.dataReceived(body)
+    assert backend.value() == request + body
+    assert not client.disconnecting
+
+
+# -- CONNECT
+
+
+def test_connect_is_answered_200_and_spliced_without_its_head() -> None:
+    """CONNECT host:443 connects the route, answers 200, and forwards only what follows."""
+    h = Harness(FRONT)
+    protocol, client = h.accept()
+    head = f"CONNECT {REGISTRY}:443 HTTP/1.1\r\nHost: {REGISTRY}:443\r\n\r\n".encode()
+    protocol.dataReceived(head + HELLO[:40])
+    assert [(host, port) for host, port, *_ in h.reactor.tcpClients] == [("10.1.1.1", 443)]
+    assert client.value() == b""  # nothing promised before the backend is there
+    _, backend = h.connect_backend()
+    assert client.value() == b"HTTP/1.1 200 Connection established\r\n\r\n"
+    protocol.dataReceived(HELLO[40:])
+    assert backend.value() == HELLO  # the TLS after CONNECT is not peeked, only passed
+    assert protocol.door is not None and protocol.door.protocol == "connect"
+
+
+@pytest.mark.parametrize(
+    ("target", "status", "reason"),
+    [
+        ("127.0.0.1:22", 403, "ip_literal"),
+        ("[::1]:443", 400, "malformed"),
+        (f"{REGISTRY}:22", 403, "port_not_allowed"),
+        ("unknown.example.com:443", 403, "not_allowed"),
+        (f"{REGISTRY}.evil.example:443", 403, "not_allowed"),
+        ("xn--registry-vpc-xyz.cn-beijing.aliyuncs.com:443", 403, "not_allowed"),
+        (REGISTRY, 400, "malformed"),
+    ],
+)
+def test_connect_refusals(target: str, status: int, reason: str) -> None:
+    """A refused CONNECT target gets an HTTP error with the reason, and nothing connects."""
+    h = Harness(FRONT)
+    protocol, client = h.accept()
+    protocol.dataReceived(f"CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n".encode())
+    status_got, _, body = response_of(client.value())
+    assert (status_got, body.split(b":")[1].strip()) == (status, reason.encode())
+    assert h.reactor.tcpClients == []
+
+
+USERS_TOML = """
+[[listen]]
+endpoint = "tcp:3128"
+name = "proxy"
+protocols = ["connect"]
+connect_users = "{users}"
+[[route]]
+name = "registry.cn-beijing.aliyuncs.com"
+backend = "tcp:host=10.1.1.1:port=443"
+"""
+
+
+@pytest.fixture
+def users_file(tmp_path: Path) -> Path:
+    path = tmp_path / "users"
+    digest = bcrypt.hashpw(b"s3cret", bcrypt.gensalt(4)).decode()
+    path.write_text(f"# docker clients\nci:{digest.replace('$2b$', '$2y$')}\n")
+    return path
+
+
+def connect_with(h: Harness, authorization: str | None) -> tuple[RelayProtocol, PipeEnd]:
+    protocol, client = h.accept()
+    header = f"Proxy-Authorization: {authorization}\r\n" if authorization else ""
+    protocol.dataReceived(
+        f"CONNECT {REGISTRY}:443 HTTP/1.1\r\nHost: {REGISTRY}:443\r\n{header}\r\n".encode()
+    )
+    return protocol, client
+
+
+def basic(user: str, password: str) -> str:
+    return "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
+
+
+def test_connect_with_users_needs_proxy_authorization(users_file: Path) -> None:
+    """Without or with wrong credentials, CONNECT gets 407 and a Basic challenge."""
+    h = Harness(USERS_TOML.format(users=users_file))
+    for authorization in [None, basic("ci", "wrong"), basic("nobody", "s3cret"), "Bearer x"]:
+        _, client = connect_with(h, authorization)
+        status, headers, _ = response_of(client.value())
+        assert status == 407, authorization
+        assert headers[b"proxy-authenticate"] == b'Basic realm="acrrelay"'
+    assert h.reactor.tcpClients == []
+    assert h.relay.stats.refused["auth_required"] == 4
+
+
+def test_connect_with_good_credentials_is_routed(users_file: Path) -> None:
+    """The right user and password (htpasswd $2y$ bcrypt) let CONNECT through, logged by user."""
+    h = Harness(USERS_TOML.format(users=users_file))
+    protocol, client = connect_with(h, basic("ci", "s3cret"))
+    assert protocol.state is State.CONNECTING
+    backend_protocol, _ = h.connect_backend()
+    assert client.value().startswith(b"HTTP/1.1 200 ")
+    protocol.readConnectionLost()
+    backend_protocol.readConnectionLost()
+    protocol.connectionLost(Failure(ConnectionDone()))
+    backend_protocol.connectionLost(Failure(ConnectionDone()))
+    assert h.events[-1]["user"] == "ci"
+
+
+def test_a_listener_without_connect_refuses_it() -> None:
+    """CONNECT on a listener that does not list it is refused, not tunnelled."""
+    h = Harness(FRONT.replace('["tls", "http", "connect"]', '["tls", "http"]'))
+    protocol, client = h.accept()
+    protocol.dataReceived(f"CONNECT {REGISTRY}:443 HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+    assert response_of(client.value())[0] == 403
+    assert h.relay.stats.refused["protocol_not_allowed"] == 1
+
+
+def test_a_tls_only_listener_refuses_http_without_answering() -> None:
+    """A TLS-only listener closes on HTTP bytes, as in issue 2 (not_tls, no answer)."""
+    h = Harness()
+    protocol, client = h.accept()
+    protocol.dataReceived(b"GET / HTTP/1.1\r\nHost: registry.cn-beijing.aliyuncs.com\r\n\r\n")
+    assert client.disconnecting and client.value() == b""
+    assert h.relay.stats.refused["not_tls"] == 1
+
+
+# -- PROXY protocol
+
+
+def test_proxy_header_from_a_trusted_peer_names_the_client() -> None:
+    """A PROXY v2 header in three reads makes its source the client; the peer is logged too."""
+    h = Harness(FRONT)
+    protocol, _ = h.accept(("10.9.1.1", 55000))
+    header = encode_v2(("198.51.100.20", 41000), ("10.9.0.1", 443))
+    stream = header + HELLO
+    for piece in (stream[:3], stream[3:15], stream[15:]):
+        protocol.dataReceived(piece)
+    assert protocol.client == "198.51.100.20:41000"
+    assert protocol.peer == "10.9.1.1:55000"
+    backend_protocol, backend = h.connect_backend()
+    assert backend.value() == HELLO  # the header is not passed on
+    protocol.kill()
+    protocol.connectionLost(Failure(ConnectionLost()))
+    backend_protocol.connectionLost(Failure(ConnectionLost()))
+    assert h.events[-1]["client"] == "198.51.100.20:41000"
+    assert h.events[-1]["peer"] == "10.9.1.1:55000"
+
+
+def test_proxy_header_from_anyone_else_is_refused() -> None:
+    """An untrusted peer that sends a PROXY header is refused, v1 or v2."""
+    for header in (encode_v1(("1.2.3.4", 1), ("5.6.7.8", 443)), encode_v2(("1.2.3.4", 1), None)):
+        h = Harness(FRONT)
+        protocol, client = h.accept(("192.0.2.50", 40000))
+        for i in range(len(header)):
+            protocol.dataReceived(header[i : i + 1])
+            if client.disconnecting:
+                break
+        assert client.disconnecting
+        assert h.relay.stats.refused["proxy_untrusted"] == 1
+        assert h.reactor.tcpClients == []
+
+
+def test_a_trusted_peer_must_send_a_header() -> None:
+    """From a trusted network, a connection that starts with TLS instead is refused."""
+    h = Harness(FRONT)
+    protocol, client = h.accept(("10.9.1.1", 55000))
+    protocol.dataReceived(HELLO)
+    assert client.disconnecting
+    assert h.relay.stats.refused["proxy_missing"] == 1
+
+
+def test_acl_applies_to_the_client_in_the_proxy_header() -> None:
+    """The header's client, not the load balancer, meets the ACL."""
+    h = Harness(FRONT)
+    protocol, client = h.accept(("10.9.1.1", 55000))
+    protocol.dataReceived(encode_v1(("203.0.113.9", 1234), ("10.9.0.1", 443)) + HELLO)
+    assert client.disconnecting
+    assert h.relay.stats.refused["client_denied"] == 1
+    assert h.reactor.tcpClients == []
+
+
+def test_outbound_proxy_v2_names_the_client() -> None:
+    """A route with proxy_protocol = "v2" sends the client's address first, then the bytes."""
+    h = Harness(FRONT)
+    protocol, _ = h.accept(("192.0.2.7", 40001))
+    hello = client_hello_bytes("proxied.example.com")
+    protocol.dataReceived(hello)
+    _, backend = h.connect_backend()
+    header, rest = ProxyHeaderReader().feed(backend.value())  # type: ignore[misc]
+    assert header.version == 2 and header.command == "proxy"
+    assert header.source == ("192.0.2.7", 40001)
+    assert header.destination == ("127.0.0.1", 443)
+    assert rest == hello
+
+
+# -- ACL and limits
+
+
+def test_denied_clients_are_refused_before_reading() -> None:
+    """A client in a denied network is closed at once, with nothing read or answered."""
+    h = Harness(FRONT)
+    _, client = h.accept(("203.0.113.77", 40000))
+    assert client.disconnecting and client.value() == b""
+    assert h.relay.stats.refused["client_denied"] == 1
+
+
+def test_allow_list_admits_only_its_networks() -> None:
+    """With an allow list, other clients are refused; IPv4-mapped addresses count as IPv4."""
+    h = Harness(FRONT.replace('deny = ["203.0.113.0/24"]', 'allow = ["192.0.2.0/24"]'))
+    assert not h.accept(("192.0.2.1", 1))[1].disconnecting
+    assert not h.accept(("::ffff:192.0.2.1", 1))[1].disconnecting
+    assert h.accept(("198.51.100.1", 1))[1].disconnecting
+
+
+LIMITS = """
+[relay]
+max_connections = 3
+max_connections_per_client = 2
+[[listen]]
+endpoint = "tcp:443"
+[[route]]
+name = "registry.cn-beijing.aliyuncs.com"
+backend = "tcp:host=10.1.1.1:port=443"
+"""
+
+
+def test_per_client_limit() -> None:
+    """A third connection from one client is refused; others are not; a close frees a slot."""
+    h = Harness(LIMITS)
+    first, _ = h.accept(("192.0.2.1", 1))
+    h.accept(("192.0.2.1", 2))
+    _, third = h.accept(("192.0.2.1", 3))
+    assert third.disconnecting
+    assert h.relay.stats.refused["client_limit"] == 1
+    closed(third)
+    first.connectionLost(Failure(ConnectionLost()))
+    _, again = h.accept(("192.0.2.1", 4))
+    assert not again.disconnecting
+
+
+class FakePort:
+    reading = True
+
+    def stopReading(self) -> None:
+        self.reading = False
+
+    def startReading(self) -> None:
+        self.reading = True
+
+
+def test_global_limit_pauses_accepting() -> None:
+    """At max_connections the listening ports stop reading, and start again below it."""
+    h = Harness(LIMITS)
+    port = FakePort()
+    h.relay.watch_ports([port])
+    connections = [h.accept((f"192.0.2.{i}", 1))[0] for i in range(3)]
+    assert not port.reading
+    assert h.factory.buildProtocol(IPv4Address("TCP", "192.0.2.9", 1)) is None
+    assert h.relay.stats.refused["over_limit"] == 1
+    connections[0].connectionLost(Failure(ConnectionLost()))
+    assert port.reading
+    assert h.relay.stats.limit_pauses == 1
+
+
+# -- resolved-address safety
+
+
+@pytest.mark.parametrize(
+    ("name", "denied"),
+    [
+        ("loopback.example.com", "127.0.0.1 (in 127.0.0.0/8), ::1 (in ::1/128)"),
+        ("meta.oss-cn-beijing.aliyuncs.com", "100.100.100.200 (in 100.100.100.200/32)"),
+    ],
+)
+def test_resolve_never_connects_to_denied_addresses(name: str, denied: str) -> None:
+    """A name resolving to loopback or the metadata service is refused, with what was denied."""
+    h = Harness(FRONT)
+    protocol, client = h.accept()
+    protocol.dataReceived(f"GET / HTTP/1.1\r\nHost: {name}\r\n\r\n".encode())
+    assert h.reactor.tcpClients == []
+    status, _, body = response_of(client.value())
+    assert status == 502
+    assert denied in body.decode()
+    assert h.relay.stats.backend_failures["address_denied"] == 1
+
+
+def test_a_route_may_allow_a_denied_address() -> None:
+    """allow_addresses on a route lets resolve reach what the deny-list would refuse."""
+    h = Harness(FRONT)
+    protocol, _ = h.accept()
+    protocol.dataReceived(b"GET / HTTP/1.1\r\nHost: allowed-loopback.example.com\r\n\r\n")
+    assert [(host, port) for host, port, *_ in h.reactor.tcpClients] == [("127.0.0.1", 80)]
+
+
+def test_resolve_never_connects_to_the_relay_itself() -> None:
+    """The relay's own listening address is denied: a self-loop."""
+    import ipaddress
+
+    h = Harness(FRONT)
+    h.relay.connector.guard.set_own({(ipaddress.ip_address("10.2.2.2"), 80)})
+    protocol, client = h.accept()
+    protocol.dataReceived(b"GET / HTTP/1.1\r\nHost: bkt.oss-cn-beijing.aliyuncs.com\r\n\r\n")
+    assert h.reactor.tcpClients == []
+    assert b"the relay itself" in client.value()
