@@ -36,8 +36,10 @@ from acrrelay.relay import AccessObserver, Relay
 
 __all__ = ["ListenError", "RelayService", "make_relay_service", "raise_fd_limit"]
 
-#: Descriptors kept back from the connection limit: listeners, logs, resolver threads.
-FD_RESERVE: Final = 64
+#: Descriptors kept back from the connection limit: listeners, logs, resolver threads
+#: (an eighth of the limit, between 16 and 64).
+FD_RESERVE_MIN: Final = 16
+FD_RESERVE_MAX: Final = 64
 
 
 def raise_fd_limit() -> int:
@@ -55,7 +57,8 @@ def raise_fd_limit() -> int:
 
 def connections_for(fd_limit: int) -> int:
     """How many relayed connections fit in ``fd_limit`` descriptors (two each)."""
-    return max(1, (fd_limit - FD_RESERVE) // 2)
+    reserve = max(FD_RESERVE_MIN, min(FD_RESERVE_MAX, fd_limit // 8))
+    return max(1, (fd_limit - reserve) // 2)
 
 
 def local_addresses() -> list[ipaddress.IPv4Address | ipaddress.IPv6Address]:
