@@ -7,11 +7,12 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import TextIO
 
 from acrrelay import __version__
 from acrrelay.config import ConfigError, Overlay, RelayConfig, format_duration, load_config
+from acrrelay.routing import DEFAULT_PORTS, Route
 
 __all__ = ["format_config", "main"]
 
@@ -28,17 +29,29 @@ def format_config(config: RelayConfig) -> str:
         f"  idle_timeout     {format_duration(config.idle_timeout)}",
         f"  buffer_size      {config.buffer_size} bytes per direction",
         f"  access_log       {config.access_log or 'off'}",
+        f"  max_connections  {config.max_connections or 'from the file-descriptor limit'}",
+        f"  per client       {config.max_connections_per_client or 'no limit'}",
         "",
         "listeners:",
     ]
     for listener in config.listeners:
-        target = (
-            f"resolve routes connect to port {listener.target_port}"
-            if listener.target_port
-            else "resolve routes connect to the port the client reached"
-        )
         name = "" if listener.name == listener.endpoint else f"  ({listener.name})"
-        lines.append(f"  {listener.endpoint}{name}: {target}")
+        lines.append(f"  {listener.endpoint}{name}: {', '.join(listener.protocols)}")
+        if "tls" in listener.protocols:
+            lines.append(f"      TLS target port {listener.tls_port}")
+        if listener.allow:
+            lines.append(f"      allow {_networks(listener.allow)}")
+        if listener.deny:
+            lines.append(f"      deny {_networks(listener.deny)}")
+        if listener.proxy_protocol_from:
+            lines.append(
+                f"      PROXY header required from {_networks(listener.proxy_protocol_from)}"
+            )
+        if listener.connect_users is not None:
+            lines.append(
+                f"      CONNECT needs a user of {listener.connect_users_file} "
+                f"({len(listener.connect_users)} users)"
+            )
     lines += [
         "",
         f"routes ({len(config.routes)}; most specific wins: "
@@ -50,13 +63,28 @@ def format_config(config: RelayConfig) -> str:
     for route in config.routes:
         lines.append(
             f"  {route.name:<{width}}  {route.backend:<{backend_width}}  "
-            f"{route.service:<8}  {route.origin}"
+            f"{route.service:<8}  {route.origin}{_route_options(route)}"
         )
     if config.hosts:
         lines += ["", "static hosts (used by resolve routes before DNS):"]
         for name, addresses in sorted(config.hosts.items()):
             lines.append(f"  {name}  {' '.join(addresses)}")
     return "\n".join(lines) + "\n"
+
+
+def _networks(networks: Iterable[object]) -> str:
+    return " ".join(str(n) for n in networks)
+
+
+def _route_options(route: Route) -> str:
+    options = []
+    if route.ports != DEFAULT_PORTS:
+        options.append("ports " + ",".join(str(p) for p in sorted(route.ports)))
+    if route.proxy_protocol:
+        options.append(f"sends PROXY {route.proxy_protocol}")
+    if route.allow_addresses:
+        options.append(f"also allows {_networks(route.allow_addresses)}")
+    return f"  [{'; '.join(options)}]" if options else ""
 
 
 def _check_config(args: argparse.Namespace, out: TextIO) -> int:

@@ -114,6 +114,39 @@ MISTAKES = {
         "listen",
         "no listeners",
     ),
+    "bad cidr": (
+        MINIMAL.replace('endpoint = "tcp:8443"', 'endpoint = "tcp:8443"\nallow = ["10.0.0.1/8"]'),
+        "listen[0].allow",
+        'expected a CIDR such as "10.0.0.0/8", got "10.0.0.1/8"',
+    ),
+    "unknown protocol": (
+        MINIMAL.replace('endpoint = "tcp:8443"', 'endpoint = "tcp:8443"\nprotocols = ["socks5"]'),
+        "listen[0].protocols",
+        'expected one of "tls", "http", "connect", got "socks5"',
+    ),
+    "users without connect": (
+        MINIMAL.replace('endpoint = "tcp:8443"', 'endpoint = "tcp:8443"\nconnect_users = "/x"'),
+        "listen[0].connect_users",
+        'needs "connect" in protocols',
+    ),
+    "missing users file": (
+        MINIMAL.replace(
+            'endpoint = "tcp:8443"',
+            'endpoint = "tcp:8443"\nprotocols = ["connect"]\nconnect_users = "/nonexistent/users"',
+        ),
+        "listen[0].connect_users",
+        "users file /nonexistent/users does not exist",
+    ),
+    "bad route port": (
+        MINIMAL + '[[route]]\nname = "b.example.com"\nbackend = "resolve"\nports = [443, 70000]\n',
+        "route[1].ports",
+        "expected a port number from 1 to 65535, got 70000",
+    ),
+    "bad proxy version": (
+        MINIMAL + '[[route]]\nname = "b.example.com"\nbackend = "resolve"\nproxy_protocol = 2\n',
+        "route[1].proxy_protocol",
+        'expected "v1" or "v2", got 2',
+    ),
     "invalid toml": (
         "[[listen]\nendpoint = 1\n",
         "",
@@ -139,6 +172,23 @@ def test_each_mistake_is_one_line_naming_file_and_key(tmp_path: Path, kind: str)
     assert expected in lines[0]
 
 
+def test_users_file_needs_bcrypt_hashes(tmp_path: Path) -> None:
+    """A users line that is not user:bcrypt-hash is refused with its line number and a fix."""
+    users = tmp_path / "users"
+    users.write_text("# comment\nci:{SHA}W6ph5Mm5Pz8GgiULbPgzG37mj9g=\n")
+    path = tmp_path / "relay.toml"
+    path.write_text(
+        MINIMAL.replace(
+            'endpoint = "tcp:8443"',
+            f'endpoint = "tcp:8443"\nprotocols = ["connect"]\nconnect_users = "{users}"',
+        )
+    )
+    result = run_check(path)
+    assert result.returncode == 1
+    assert f"{users} line 2: the hash is not bcrypt" in result.stderr
+    assert "htpasswd -nbB USER PASSWORD" in result.stderr
+
+
 def test_missing_file(tmp_path: Path) -> None:
     """A missing file is one line naming it, and a non-zero exit."""
     result = run_check(tmp_path / "nope.toml")
@@ -161,7 +211,8 @@ def test_example_config_is_valid_and_expands_acr() -> None:
         "*.oss-cn-beijing-internal.aliyuncs.com",
     ]:
         assert name in out
-    assert "resolve routes connect to port 443" in out
+    assert "TLS target port 443" in out
+    assert "tcp:8080:interface=127.0.0.1  (http): http, connect" in out
 
 
 def test_flags_work_on_top_of_a_file(tmp_path: Path) -> None:
