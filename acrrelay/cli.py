@@ -94,6 +94,26 @@ def _check_config(args: argparse.Namespace, out: TextIO) -> int:
     return 0
 
 
+def _passwd(args: argparse.Namespace, out: TextIO) -> int:
+    import getpass
+
+    import bcrypt
+
+    if ":" in args.user or not args.user.strip():
+        raise ConfigError("passwd", args.user, "a user name may not be empty or contain ':'")
+    if args.password_stdin:
+        password = sys.stdin.readline().rstrip("\r\n")
+    else:
+        password = getpass.getpass(f"password for {args.user}: ")
+        if getpass.getpass("again: ") != password:
+            raise ConfigError("passwd", args.user, "the two passwords differ")
+    if len(password) < 8:
+        raise ConfigError("passwd", args.user, "use a password of 8 characters or more")
+    digest = bcrypt.hashpw(password.encode(), bcrypt.gensalt()).decode()
+    out.write(f"{args.user}:{digest}\n")
+    return 0
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="acrrelay",
@@ -112,6 +132,17 @@ def _parser() -> argparse.ArgumentParser:
     check.add_argument("--route", action="append", default=[], metavar="NAME=BACKEND")
     check.add_argument("--acr", action="append", default=[], metavar="REGION")
     check.set_defaults(run=_check_config)
+    passwd = commands.add_parser(
+        "passwd",
+        help="print a connect_users line (user:bcrypt-hash) for a new password",
+        description="Ask for a password and print USER:HASH for a connect_users file, "
+        "as htpasswd -nB would.",
+    )
+    passwd.add_argument("user", metavar="USER")
+    passwd.add_argument(
+        "--password-stdin", action="store_true", help="read the password from standard input"
+    )
+    passwd.set_defaults(run=_passwd)
     return parser
 
 

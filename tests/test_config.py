@@ -324,3 +324,29 @@ def test_cli_main_prints_the_table() -> None:
     out = io.StringIO()
     assert cli.main(["check-config", "--listen", "tcp:8443", "--acr", "cn-shanghai"], out=out) == 0
     assert "dockerauth.cn-shanghai.aliyuncs.com" in out.getvalue()
+
+
+def test_passwd_prints_a_line_the_relay_accepts(tmp_path: Path) -> None:
+    """acrrelay passwd writes a user:bcrypt line that connect_users reads and that verifies."""
+    import bcrypt
+
+    from acrrelay.config import read_users_file
+
+    result = subprocess.run(
+        [str(BIN / "acrrelay"), "passwd", "ci", "--password-stdin"],
+        input="a long password\n",
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    users = tmp_path / "users"
+    users.write_text(result.stdout)
+    digest = read_users_file(str(users))["ci"]
+    assert bcrypt.checkpw(b"a long password", digest)
+    short = subprocess.run(
+        [str(BIN / "acrrelay"), "passwd", "ci", "--password-stdin"],
+        input="short\n", capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert short.returncode == 1
+    assert short.stderr == "acrrelay: passwd: ci: use a password of 8 characters or more\n"
