@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from twisted.internet.address import IPv4Address
+from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.interfaces import IHalfCloseableProtocol, ITCPTransport
 from twisted.internet.testing import MemoryReactorClock, StringTransport
@@ -27,9 +27,12 @@ class PipeEnd(StringTransport):
     bufferSize = 65536
 
     def __init__(self, peer: tuple[str, int] = ("192.0.2.7", 40000), port: int = 443) -> None:
+        # A dual-stack (IPv6) socket shows IPv4 clients as ::ffff:a.b.c.d.
+        family = IPv6Address if ":" in peer[0] else IPv4Address
+        local = "::ffff:127.0.0.1" if family is IPv6Address else "127.0.0.1"
         super().__init__(
-            hostAddress=IPv4Address("TCP", "127.0.0.1", port),
-            peerAddress=IPv4Address("TCP", *peer),
+            hostAddress=family("TCP", local, port),
+            peerAddress=family("TCP", *peer),
         )
         self.write_closed = False
         self.nodelay = False

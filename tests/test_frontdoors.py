@@ -491,3 +491,19 @@ def test_resolve_never_connects_to_the_relay_itself() -> None:
     protocol.dataReceived(b"GET / HTTP/1.1\r\nHost: bkt.oss-cn-beijing.aliyuncs.com\r\n\r\n")
     assert h.reactor.tcpClients == []
     assert b"the relay itself" in client.value()
+
+
+@pytest.mark.parametrize("encode", ["v1", "v2"])
+def test_ipv4_clients_on_dual_stack_sockets_go_out_as_tcp4(encode: str) -> None:
+    """A client seen as ::ffff:192.0.2.7 on an IPv6 socket is sent on as TCP4 192.0.2.7."""
+    h = Harness(FRONT.replace('proxy_protocol = "v2"', f'proxy_protocol = "{encode}"'))
+    protocol, _ = h.accept(("::ffff:192.0.2.7", 40002))
+    protocol.dataReceived(client_hello_bytes("proxied.example.com"))
+    _, backend = h.connect_backend()
+    sent = backend.value()
+    if encode == "v1":
+        assert sent.startswith(b"PROXY TCP4 192.0.2.7 127.0.0.1 40002 443\r\n")
+    else:
+        assert sent[12:14] == b"\x21\x11"  # PROXY command, AF_INET over STREAM
+    header, _ = ProxyHeaderReader().feed(sent)  # type: ignore[misc]
+    assert header.source == ("192.0.2.7", 40002)
