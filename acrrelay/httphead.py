@@ -122,44 +122,84 @@ def _request_from(event: h11.Request, head_size: int) -> HttpRequest:
     return HttpRequest(method, target, host, port, True, head_size, authorization, upgrade)
 
 
+# The end of a head: the first empty line (h11 also takes bare LF endings, refused below).
+_BLANK_LINE = re.compile(rb"\n\r?\n")
+
+
+def _check_raw_head(head: bytes | bytearray) -> None:
+    """Refuse what h11 tolerates but a backend might read differently, since bytes pass as-is."""
+    if not head.isascii():
+        raise HttpHeadError("malformed", 400, "non-ASCII bytes in the request head")
+    if head.count(b"\n") != head.count(b"\r\n"):
+        raise HttpHeadError("malformed", 400, "a line ending without CR")
+    if b"\n " in head or b"\n\t" in head:
+        raise HttpHeadError("malformed", 400, "a folded header line (obs-fold)")
+
+
 class HttpHeadReader:
     """Reads one request head from bytes fed in any pieces, within ``limit`` bytes.
 
     ``feed`` returns ``NEED_MORE`` or the :class:`HttpRequest`; it raises only
-    :class:`HttpHeadError` (reasons: ``malformed``, ``too_large``).
+    :class:`HttpHeadError` (reasons: ``malformed``, ``too_large``), and the same
+    outcome whatever the split. It keeps the raw head (at most ``limit`` bytes plus
+    the last read) to check what h11 lets through.
     """
 
     def __init__(self, limit: int) -> None:
         self._limit = limit
         self._conn = h11.Connection(h11.SERVER, max_incomplete_event_size=limit)
-        self._fed = 0
+        self._raw = bytearray()
+        self._end: int | None = None
+        self._given = 0  # bytes of _raw passed to h11
         self._done = False
         self.request: HttpRequest | None = None
+
+    def _too_large(self) -> HttpHeadError:
+        return HttpHeadError("too_large", 431, f"request head over {self._limit} bytes")
 
     def feed(self, data: bytes) -> NeedMore | HttpRequest:
         if self._done:
             raise RuntimeError("HttpHeadReader was already finished")
         if not data:
             return NEED_MORE
-        self._fed += len(data)
-        self._conn.receive_data(data)
+        try:
+            return self._feed(data)
+        except HttpHeadError:
+            self._done = True
+            self._raw = bytearray()
+            raise
+
+    def _feed(self, data: bytes) -> NeedMore | HttpRequest:
+        # h11 sees only the first `limit` bytes until the head has ended within them, so
+        # an error inside the limit is "malformed" and one beyond it "too_large", however
+        # the bytes were split.
+        scan_from = max(0, len(self._raw) - 2)
+        self._raw += data
+        if self._end is None:
+            blank = _BLANK_LINE.search(self._raw, scan_from)
+            if blank is not None:
+                self._end = blank.end()
+        fits = self._end is not None and self._end <= self._limit
+        visible = len(self._raw) if fits else min(len(self._raw), self._limit)
+        if visible > self._given:
+            self._conn.receive_data(bytes(self._raw[self._given : visible]))
+            self._given = visible
         try:
             event = self._conn.next_event()
         except h11.RemoteProtocolError as e:
-            self._done = True
-            status = e.error_status_hint
-            if status == 431:
-                raise HttpHeadError(
-                    "too_large", 431, f"request head over {self._limit} bytes"
-                ) from None
+            if e.error_status_hint == 431:
+                raise self._too_large() from None
             raise HttpHeadError("malformed", 400, str(e) or "malformed request") from None
         if event is h11.NEED_DATA:
+            if not fits and len(self._raw) > self._limit:
+                raise self._too_large()
             return NEED_MORE
         self._done = True
-        if not isinstance(event, h11.Request):
+        if not isinstance(event, h11.Request) or self._end is None:
             raise HttpHeadError("malformed", 400, "not a request")
-        unread = len(self._conn.trailing_data[0])
-        self.request = _request_from(event, self._fed - unread)
+        _check_raw_head(self._raw[: self._end])
+        self._raw = bytearray()
+        self.request = _request_from(event, self._end)
         return self.request
 
     def follower(self) -> RequestFollower:
@@ -175,14 +215,16 @@ class RequestFollower:
     """Follows the later requests of one keep-alive connection, from the client's bytes alone.
 
     It continues the h11 parser that read the first head, so it knows where each body
-    ends, and starts a fresh one after each request. ``feed`` returns the request heads
-    it completes. After a request that tunnels (Upgrade or CONNECT) it stops and returns
-    nothing more: what follows is not HTTP. Raises :class:`HttpHeadError` for a
-    malformed later request.
+    ends, and reads each later head with a fresh :class:`HttpHeadReader`, so every
+    head meets the same checks. ``feed`` returns the request heads it completes.
+    After a request that tunnels (Upgrade or CONNECT) it stops and returns nothing
+    more: what follows is not HTTP. A malformed later head raises
+    :class:`HttpHeadError`, and the follower stays stopped.
     """
 
     def __init__(self, parser: h11.Connection, first: HttpRequest, limit: int) -> None:
-        self._conn = parser
+        self._conn = parser  # inside a request: its body, then its end
+        self._head: HttpHeadReader | None = None  # reading a later head
         self._limit = limit
         self._stop_at_end = first.tunnels
         self._stopped = False
@@ -190,32 +232,55 @@ class RequestFollower:
     def feed(self, data: bytes) -> list[HttpRequest]:
         if self._stopped:
             return []
-        if data:  # h11 reads an empty feed as the end of the stream
-            self._conn.receive_data(data)
+        try:
+            return self._feed(data)
+        except HttpHeadError:
+            self._stopped = True
+            raise
+
+    def _feed(self, data: bytes) -> list[HttpRequest]:
         found: list[HttpRequest] = []
+        pending = data
+        while not self._stopped:
+            if self._head is not None:
+                if not pending:
+                    break
+                outcome = self._head.feed(pending)
+                pending = b""
+                if outcome is NEED_MORE:
+                    break
+                assert isinstance(outcome, HttpRequest)
+                found.append(outcome)
+                self._stop_at_end = outcome.tunnels
+                self._conn, self._head = self._head._conn, None
+                continue
+            if pending:  # h11 reads an empty feed as the end of the stream
+                self._conn.receive_data(pending)
+                pending = b""
+            after = self._to_end_of_message()
+            if after is None:
+                break
+            if self._stop_at_end:
+                self._stopped = True
+                break
+            self._head = HttpHeadReader(self._limit)
+            pending = after
+        return found
+
+    def _to_end_of_message(self) -> bytes | None:
+        """Skip the current body; the bytes after its end, or None if it has not ended."""
         while True:
             try:
                 event = self._conn.next_event()
             except h11.RemoteProtocolError as e:
-                self._stopped = True
-                raise HttpHeadError("malformed", 400, f"later request: {e}") from None
+                raise HttpHeadError("malformed", 400, f"request body: {e}") from None
             if event is h11.NEED_DATA or event is h11.PAUSED:
-                return found
+                return None
             if isinstance(event, h11.ConnectionClosed):
                 self._stopped = True
-                return found
+                return None
             if isinstance(event, h11.EndOfMessage):
-                if self._stop_at_end:
-                    self._stopped = True
-                    return found
-                leftover = bytes(self._conn.trailing_data[0])
-                self._conn = h11.Connection(h11.SERVER, max_incomplete_event_size=self._limit)
-                if leftover:
-                    self._conn.receive_data(leftover)
-            elif isinstance(event, h11.Request):
-                request = _request_from(event, 0)
-                self._stop_at_end = request.tunnels
-                found.append(request)
+                return bytes(self._conn.trailing_data[0])
 
 
 _ERROR_TEXT: Final = {
