@@ -682,8 +682,16 @@ class RelayFactory(ServerFactory):
 
     def buildProtocol(self, addr: IAddress | None) -> RelayProtocol | None:
         if self.relay.at_limit():
-            # Accepting paused at the limit, but one accept batch may overshoot it.
+            # Accept passes are capped to the room left; this is the last guard.
             self.relay.stats.refused["over_limit"] += 1
+            self.relay.access.info(
+                "{client} refused: over the connection limit",
+                listener=self.listener.name,
+                client=describe(addr),
+                close_reason="refused:over_limit",
+                closed_first="relay",
+                detail=f"{len(self.relay.connections)} connections open",
+            )
             return None
         protocol = RelayProtocol(self.relay, self.listener)
         protocol.factory = self

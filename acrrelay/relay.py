@@ -138,6 +138,24 @@ class Relay:
     def watch_ports(self, ports: list[Any]) -> None:
         """The listening ports to pause and resume at the connection limit."""
         self._ports = ports
+        for port in ports:
+            self._cap_accept_batches(port)
+
+    def _cap_accept_batches(self, port: Any) -> None:
+        # A TCP port accepts up to `numberAccepts` connections in one pass (and adjusts
+        # that number after each pass), whatever stopReading says meanwhile. Capping the
+        # batch to the room left just before each pass keeps a burst waiting in the
+        # kernel's backlog instead of accepting and dropping it.
+        accept_pass = getattr(port, "doRead", None)
+        if accept_pass is None or not hasattr(port, "numberAccepts"):
+            return
+
+        def capped_accept_pass() -> Any:
+            room = self.max_connections - len(self.connections)
+            port.numberAccepts = max(1, min(port.numberAccepts, room))
+            return accept_pass()
+
+        port.doRead = capped_accept_pass
 
     def at_limit(self) -> bool:
         return len(self.connections) >= self.max_connections

@@ -7,10 +7,11 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from tests.e2e_support import NAMES, BackendServer, Relay, TestCA
+from tests.e2e_support import FRONTDOOR_NAMES, NAMES, BackendServer, HAProxy, Relay, TestCA
 
 
 @pytest.fixture(scope="session")
@@ -27,13 +28,51 @@ def backend(test_ca: TestCA, tmp_path_factory: pytest.TempPathFactory) -> Iterat
         server.stop()
 
 
+@pytest.fixture(scope="session")
+def frontdoor_ca(tmp_path_factory: pytest.TempPathFactory) -> TestCA:
+    """A CA with a certificate for each of ``FRONTDOOR_NAMES``."""
+    return TestCA(tmp_path_factory.mktemp("frontdoor-ca"), FRONTDOOR_NAMES)
+
+
+@pytest.fixture(scope="session")
+def frontdoor_backend(
+    frontdoor_ca: TestCA, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[BackendServer]:
+    """The TLS-or-plain backend, one port per front-door name; it reports what it accepted."""
+    server = BackendServer(frontdoor_ca, tmp_path_factory.mktemp("frontdoor-backend-home"))
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def start_haproxy(tmp_path: Path) -> Iterator[Callable[[str, list[int]], HAProxy]]:
+    """A factory: ``start_haproxy(config, ports)`` -> a running :class:`HAProxy`."""
+    started: list[HAProxy] = []
+
+    def start(config: str, ports: list[int]) -> HAProxy:
+        process = HAProxy(tmp_path / f"haproxy{len(started)}", config, ports)
+        started.append(process)
+        return process
+
+    try:
+        yield start
+    finally:
+        for process in started:
+            process.stop()
+
+
 @pytest.fixture
 def start_relay(tmp_path: Path) -> Iterator[Callable[..., Relay]]:
-    """A factory: ``start_relay(routes, **relay_settings)`` -> a running :class:`Relay`."""
+    """A factory: ``start_relay(routes, **options)`` -> a running :class:`Relay`.
+
+    ``options`` are :class:`Relay`'s: ``[relay]`` settings, ``listeners``, ``hosts``, ``nofile``.
+    """
     started: list[Relay] = []
 
-    def start(routes: Mapping[str, str], **relay: str) -> Relay:
-        relay_process = Relay(tmp_path / f"relay{len(started)}", routes, **relay)
+    def start(routes: Mapping[str, Any], **options: Any) -> Relay:
+        relay_process = Relay(tmp_path / f"relay{len(started)}", routes, **options)
         started.append(relay_process)
         return relay_process
 

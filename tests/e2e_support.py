@@ -2,7 +2,8 @@
 
 - :class:`TestCA`: a root CA and one leaf certificate per name (SAN = DNS name), on disk.
 - :class:`BackendServer`: ``tests/tls_backend.py`` as its own process, one TLS port per name.
-- :class:`Relay`: ``twist acrrelay --config <tmp>.toml`` as its own process, port 0.
+- :class:`Relay`: ``twist acrrelay --config <tmp>.toml`` as its own process, port 0; any
+  number of listeners, any route keys, static resolver hosts and a file-descriptor limit.
 - :class:`BioTLS`: a TLS client driven through memory BIOs over a blocking socket, so a
   test controls the raw bytes (first flight byte by byte, re-framed, a TCP-only FIN).
 - :func:`rss_bytes`: a process's resident set size from ``/proc``.
@@ -26,7 +27,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +35,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from acrrelay.testing import client_hello_bytes
 
 HERE = Path(__file__).resolve().parent
 BACKEND_SCRIPT = HERE / "tls_backend.py"
@@ -47,9 +50,20 @@ NAMES = (
 )
 REGISTRY, DOCKERAUTH, BUCKET = NAMES
 
+#: Names the front-door tests add (``.test`` is reserved: never in real DNS).
+WILD_NAME = "a.wild.e2e.test"  # served by the route *.wild.e2e.test
+OPEN_LOOPBACK = "open-loopback.e2e.test"  # resolve -> 127.0.0.1, allowed by allow_addresses
+PROXIED_V1 = "proxied-v1.e2e.test"  # routes that send a PROXY header to their backend
+PROXIED_V2 = "proxied-v2.e2e.test"
+FRONTDOOR_NAMES = (REGISTRY, DOCKERAUTH, WILD_NAME, OPEN_LOOPBACK, PROXIED_V1, PROXIED_V2)
+
 MiB = 1 << 20
 STARTUP_TIMEOUT = 10.0
 LISTENING = re.compile(r"listening on 127\.0\.0\.1:(\d+) \(")
+LISTENING_NAMED = re.compile(r"listening on 127\.0\.0\.1:(\d+) \((.*?)\) with ")
+#: What the backend prints for each accepted connection and each request head it reads.
+BACKEND_ACCEPT = re.compile(r"^ACCEPT (\S+)$")
+BACKEND_REQUEST = re.compile(r"^REQUEST (\S+) (tls|plain) (\S*) (\S*) (.*)$")
 
 
 def clean_env(home: Path) -> dict[str, str]:
@@ -214,7 +228,8 @@ class _Output:
 
 
 class BackendServer:
-    """``tests/tls_backend.py`` in its own process: one TLS port per name of ``ca``."""
+    """``tests/tls_backend.py`` in its own process: one port per name of ``ca``, serving TLS
+    with that name's certificate, or plain HTTP when the first byte is not TLS."""
 
     def __init__(self, ca: TestCA, home: Path) -> None:
         self.proc = subprocess.Popen(
@@ -242,6 +257,25 @@ class BackendServer:
         """The relay's endpoint string for ``name``'s backend."""
         return f"tcp:host=127.0.0.1:port={self.ports[name]}"
 
+    def accepted(self, name: str | None = None) -> int:
+        """Connections accepted so far (by ``name``'s port, or by any port)."""
+        count = 0
+        for line in list(self.output.lines):
+            m = BACKEND_ACCEPT.match(line)
+            if m and (name is None or m.group(1) == name):
+                count += 1
+        return count
+
+    def requests(self) -> list[tuple[str, str, str, str, str]]:
+        """Every request head read so far: (name, tls|plain, method, target, host)."""
+        out = []
+        for line in list(self.output.lines):
+            m = BACKEND_REQUEST.match(line)
+            if m:
+                name, kind, method, target, host = m.groups()
+                out.append((name, kind, method, target, host))
+        return out
+
     def stop(self) -> None:
         if self.proc.stdin is not None:
             with contextlib.suppress(OSError):
@@ -253,15 +287,46 @@ def _toml_string(value: str) -> str:
     return json.dumps(value)  # a JSON string is a valid TOML basic string
 
 
+def _toml_value(value: Any) -> str:
+    """A TOML value for a str, bool, int or a list of those."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, str):
+        return _toml_string(value)
+    if isinstance(value, list | tuple):
+        return "[" + ", ".join(_toml_value(item) for item in value) + "]"
+    raise TypeError(f"no TOML form for {value!r}")
+
+
+#: The listener a :class:`Relay` has unless it is given others.
+DEFAULT_LISTENER: Mapping[str, Any] = {"endpoint": "tcp:0:interface=127.0.0.1", "name": "e2e"}
+
+
 class Relay:
     """One ``twist acrrelay`` process on 127.0.0.1, port 0, with its own config and access log.
 
-    ``routes`` maps names to backend endpoint strings; ``relay`` adds or overrides
-    ``[relay]`` settings (strings such as ``"1s"`` or ``"64KiB"``). It is running once
-    constructed (``port``, ``access_log_path``, ``pid``); ``stop()`` or ``with`` ends it.
+    ``routes`` maps names to backend endpoint strings, or to tables of route keys
+    (``backend``, ``ports``, ``proxy_protocol``, ``allow_addresses``); ``relay`` adds
+    or overrides ``[relay]`` settings (strings such as ``"1s"`` or ``"64KiB"``, or
+    integers). ``listeners`` replaces the one default listener by ``[[listen]]`` tables
+    (each with a ``name``, on 127.0.0.1 port 0); ``hosts`` is ``[resolver.hosts]``;
+    ``nofile`` runs the relay under that file-descriptor limit (soft and hard).
+    It is running once constructed (``port`` of the first listener, ``ports`` by
+    listener name, ``access_log_path``, ``pid``); ``stop()`` or ``with`` ends it.
     """
 
-    def __init__(self, directory: Path, routes: Mapping[str, str], **relay: str) -> None:
+    def __init__(
+        self,
+        directory: Path,
+        routes: Mapping[str, str | Mapping[str, Any]],
+        *,
+        listeners: Sequence[Mapping[str, Any]] = (DEFAULT_LISTENER,),
+        hosts: Mapping[str, str | Sequence[str]] | None = None,
+        nofile: int | None = None,
+        **relay: str | int,
+    ) -> None:
         directory.mkdir(parents=True, exist_ok=True)
         self.directory = directory
         self.access_log_path = directory / "access.log"
@@ -273,21 +338,31 @@ class Relay:
             "access_log": str(self.access_log_path),
         }
         lines = ["[relay]"]
-        lines += [f"{key} = {_toml_string(value)}" for key, value in settings.items()]
-        lines += ["", "[[listen]]", 'endpoint = "tcp:0:interface=127.0.0.1"', 'name = "e2e"']
-        for name, backend in routes.items():
+        lines += [f"{key} = {_toml_value(value)}" for key, value in settings.items()]
+        for listener in listeners:
+            lines += ["", "[[listen]]"]
+            lines += [f"{key} = {_toml_value(value)}" for key, value in listener.items()]
+        for name, route in routes.items():
+            keys = {"backend": route} if isinstance(route, str) else dict(route)
             lines += ["", "[[route]]", f"name = {_toml_string(name)}"]
-            lines += [f"backend = {_toml_string(backend)}"]
+            lines += [f"{key} = {_toml_value(value)}" for key, value in keys.items()]
+        if hosts:
+            lines += ["", "[resolver.hosts]"]
+            lines += [f"{_toml_string(name)} = {_toml_value(a)}" for name, a in hosts.items()]
         self.config_path = directory / "acrrelay.toml"
         self.config_path.write_text("\n".join(lines) + "\n")
+        command = [
+            str(VENV_BIN / "twist"),
+            "--log-format=text",
+            "acrrelay",
+            "--config",
+            str(self.config_path),
+        ]
+        if nofile is not None:
+            # prlimit sets the limit on itself and then execs the command: same PID.
+            command = ["prlimit", f"--nofile={nofile}:{nofile}", "--", *command]
         self.proc = subprocess.Popen(
-            [
-                str(VENV_BIN / "twist"),
-                "--log-format=text",
-                "acrrelay",
-                "--config",
-                str(self.config_path),
-            ],
+            command,
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
@@ -296,11 +371,15 @@ class Relay:
             cwd=directory,
         )
         self.output = _Output(self.proc)
+        self.ports: dict[str, int] = {}
         try:
-            self.port = int(self.output.wait_for(LISTENING, STARTUP_TIMEOUT).group(1))
+            for _ in listeners:
+                m = self.output.wait_for(LISTENING_NAMED, STARTUP_TIMEOUT)
+                self.ports[m.group(2)] = int(m.group(1))
         except BaseException:
             self.stop()
             raise
+        self.port = self.ports[str(listeners[0].get("name", listeners[0]["endpoint"]))]
 
     def __enter__(self) -> Relay:
         return self
@@ -318,20 +397,37 @@ class Relay:
     def alive(self) -> bool:
         return self.proc.poll() is None
 
-    def connect(self, *, timeout: float = 10.0, rcvbuf: int | None = None) -> socket.socket:
-        """A raw TCP connection to the relay, TCP_NODELAY on."""
+    def connect(
+        self,
+        *,
+        timeout: float = 10.0,
+        rcvbuf: int | None = None,
+        listener: str | None = None,
+        source: str | None = None,
+    ) -> socket.socket:
+        """A raw TCP connection to the relay (``listener``, or the first), TCP_NODELAY on,
+        from ``source`` (a loopback address) if given."""
+        port = self.port if listener is None else self.ports[listener]
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        if rcvbuf is not None:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        sock.settimeout(timeout)
-        sock.connect(("127.0.0.1", self.port))
+        try:
+            if rcvbuf is not None:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            sock.settimeout(timeout)
+            if source is not None:
+                sock.bind((source, 0))
+            sock.connect(("127.0.0.1", port))
+        except BaseException:
+            sock.close()
+            raise
         return sock
 
     def access_entries(self) -> list[dict[str, Any]]:
         if not self.access_log_path.exists():
             return []
         text = self.access_log_path.read_text()
+        # Only whole lines: the relay may be writing the next one right now.
+        text = text[: text.rfind("\n") + 1]
         return [json.loads(line) for line in text.splitlines() if line.strip()]
 
     def wait_access(
@@ -476,34 +572,191 @@ def split_http(response: bytes) -> tuple[int, dict[str, str], bytes]:
 
 
 def run(
-    args: list[str], home: Path, *, stdin: str = "", timeout: float = 20.0
+    args: list[str],
+    home: Path,
+    *,
+    stdin: str = "",
+    timeout: float = 20.0,
+    env: Mapping[str, str] | None = None,
 ) -> subprocess.CompletedProcess[str]:
-    """A client command with a clean environment and a timeout; never raises on its status."""
+    """A client command with a clean environment (plus ``env``, set on purpose) and a
+    timeout; never raises on its status."""
     return subprocess.run(
         args,
         input=stdin,
         capture_output=True,
         text=True,
-        env=clean_env(home),
+        env={**clean_env(home), **(env or {})},
         cwd=home,
         timeout=timeout,
         check=False,
     )
 
 
+# ---------------------------------------------------------------- raw front-door clients
+
+
+def hello_with_sni(server_name: bytes | None) -> bytes:
+    """A real OpenSSL ClientHello whose SNI is exactly ``server_name``, any bytes at all
+    (an IP literal, raw UTF-8, a NUL), or a hello without SNI for None.
+
+    OpenSSL makes the hello for a placeholder name of the same length, whose bytes are
+    then swapped inside the server_name extension, so every length field stays right.
+    """
+    if server_name is None:
+        return client_hello_bytes(None)
+    size = len(server_name)
+    assert 1 <= size <= 253, size
+    labels = [("x" * size)[i : i + 50] for i in range(0, size, 51)]
+    placeholder = ".".join(labels)[:size]
+    if placeholder.endswith("."):
+        placeholder = placeholder[:-1] + "x"
+    hello = client_hello_bytes(placeholder)
+    needle = b"\x00" + size.to_bytes(2, "big") + placeholder.encode()
+    assert hello.count(needle) == 1, (placeholder, hello)
+    return hello.replace(needle, b"\x00" + size.to_bytes(2, "big") + server_name)
+
+
+class NoEOF(TimeoutError):
+    """The peer did not close in time; ``data`` is what it sent until then."""
+
+    def __init__(self, data: bytes, timeout: float) -> None:
+        super().__init__(f"no EOF within {timeout}s; received {data[:200]!r}")
+        self.data = data
+
+
+def recv_to_eof(sock: socket.socket, timeout: float = 5.0, limit: int = 1 << 20) -> bytes:
+    """Everything until the peer closes; a reset ends it too. Raises :class:`NoEOF` (a
+    TimeoutError) if the peer does not close within ``timeout`` seconds."""
+    sock.settimeout(timeout)
+    deadline = time.monotonic() + timeout
+    out = bytearray()
+    while len(out) < limit:
+        sock.settimeout(max(0.001, deadline - time.monotonic()))
+        try:
+            data = sock.recv(65536)
+        except ConnectionResetError:
+            break
+        except TimeoutError:
+            raise NoEOF(bytes(out), timeout) from None
+        if not data:
+            break
+        out += data
+    return bytes(out)
+
+
+def read_response(sock: socket.socket | ssl.SSLSocket, timeout: float = 5.0) -> bytes:
+    """One whole HTTP/1.1 response with a Content-Length (keep-alive safe), or what came
+    before EOF."""
+    sock.settimeout(timeout)
+    buf = bytearray()
+    while b"\r\n\r\n" not in buf:
+        data = sock.recv(65536)
+        if not data:
+            return bytes(buf)
+        buf += data
+    head, _, body = bytes(buf).partition(b"\r\n\r\n")
+    length = 0
+    for line in head.split(b"\r\n")[1:]:
+        key, _, value = line.partition(b":")
+        if key.strip().lower() == b"content-length":
+            length = int(value)
+    rest = bytearray(body)
+    while len(rest) < length:
+        data = sock.recv(65536)
+        if not data:
+            break
+        rest += data
+    return head + b"\r\n\r\n" + bytes(rest)
+
+
+def free_port() -> int:
+    """A loopback TCP port that was free a moment ago (for programs that need a number)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def listening_ports() -> set[int]:
+    """The TCP ports in LISTEN state on 127.0.0.1 or 0.0.0.0, from /proc/net/tcp."""
+    ports = set()
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        local, state = fields[1], fields[3]
+        address, _, port = local.partition(":")
+        if state == "0A" and address in ("0100007F", "00000000"):
+            ports.add(int(port, 16))
+    return ports
+
+
+def wait_listening(ports: Sequence[int], proc: subprocess.Popen[Any], timeout: float) -> None:
+    """Wait until every port listens (without connecting to any), or fail."""
+    deadline = time.monotonic() + timeout
+    while not set(ports) <= listening_ports():
+        if proc.poll() is not None:
+            raise AssertionError(f"process exited with {proc.returncode} before listening")
+        if time.monotonic() > deadline:
+            raise AssertionError(f"ports {ports} not listening within {timeout}s")
+        time.sleep(0.05)
+
+
+class HAProxy:
+    """Debian's ``haproxy`` in the foreground (``-db``) with ``config``, until ``stop()``.
+
+    ``ports`` are the ports its config binds; it is running once they all listen.
+    """
+
+    BINARY = "/usr/sbin/haproxy"
+
+    def __init__(self, directory: Path, config: str, ports: Sequence[int]) -> None:
+        directory.mkdir(parents=True, exist_ok=True)
+        self.config_path = directory / "haproxy.cfg"
+        self.config_path.write_text(config)
+        self.proc = subprocess.Popen(
+            [self.BINARY, "-db", "-f", str(self.config_path)],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env=clean_env(directory),
+            cwd=directory,
+        )
+        self.output = _Output(self.proc)
+        try:
+            wait_listening(ports, self.proc, STARTUP_TIMEOUT)
+        except BaseException as e:
+            self.stop()
+            raise AssertionError(f"{e}; haproxy said:\n{self.output.text()}") from None
+
+    def stop(self) -> None:
+        stop_process(self.proc)
+
+
 __all__ = [
     "BUCKET",
     "DOCKERAUTH",
+    "FRONTDOOR_NAMES",
     "NAMES",
+    "OPEN_LOOPBACK",
+    "PROXIED_V1",
+    "PROXIED_V2",
     "REGISTRY",
+    "WILD_NAME",
     "BackendServer",
     "BioTLS",
+    "HAProxy",
     "MiB",
+    "NoEOF",
     "Relay",
     "TestCA",
+    "free_port",
+    "hello_with_sni",
     "http_get",
     "read_all",
+    "read_response",
+    "recv_to_eof",
     "rss_bytes",
     "run",
     "split_http",
+    "wait_listening",
 ]

@@ -18,6 +18,15 @@ For each NAME it loads ``CERT_DIR/NAME.pem`` and ``CERT_DIR/NAME.key``, listens 
 HTTP answers carry ``Connection: close``. After its answer the backend sends a TLS
 close_notify for HTTP (so curl and openssl see a clean end) and, for the raw commands,
 only a TCP FIN; then it reads until the peer closes, so no close ever becomes a reset.
+
+A connection whose first byte is not a TLS handshake record (``0x16``) is served as
+plain HTTP/1.1 on the same port, with keep-alive: ``GET /name`` answers
+``backend=<name>\n``, anything else 404. So one backend endpoint serves a route
+whatever the relay's front door (SNI, CONNECT, Host or absolute URI).
+
+For the tests that check what reached a backend, every accepted connection prints
+``ACCEPT <name>`` and every request head read prints ``REQUEST <name> <tls|plain>
+<method> <target> <host>`` (host ``-`` if none), each on one line.
 The module is also imported by the tests for :func:`blob_block` and friends.
 """
 
@@ -40,6 +49,7 @@ ECHO_SEED = 8
 IO_TIMEOUT = 120.0
 
 _blocks: dict[int, bytes] = {}
+_print_lock = threading.Lock()
 _digests: dict[tuple[int, int], str] = {}
 _lock = threading.Lock()
 
@@ -87,6 +97,21 @@ def echo_response() -> bytes:
     return random.Random(ECHO_SEED).randbytes(ECHO_RESPONSE_SIZE)
 
 
+def _say(line: str) -> None:
+    """One whole line on stdout, whichever thread writes it."""
+    with _print_lock:
+        sys.stdout.write(line + "\n")
+        sys.stdout.flush()
+
+
+def _host_of(head: bytes) -> str:
+    for line in head.split(b"\r\n")[1:]:
+        key, _, value = line.partition(b":")
+        if key.strip().lower() == b"host":
+            return value.strip().decode("latin-1") or "-"
+    return "-"
+
+
 def _read_line(conn: ssl.SSLSocket, limit: int = 16384) -> tuple[bytes, bytes]:
     """(first line without its newline, the bytes read after it)."""
     buf = bytearray()
@@ -112,11 +137,11 @@ def _read_to_eof(conn: ssl.SSLSocket, first: bytes) -> tuple[str, int]:
         count += n
 
 
-def _finish(conn: ssl.SSLSocket, *, close_notify: bool) -> None:
+def _finish(conn: socket.socket, *, close_notify: bool) -> None:
     """End our side, then wait (bounded) for the peer to end its side before closing."""
     raw: socket.socket = conn
     conn.settimeout(15)
-    if close_notify:
+    if close_notify and isinstance(conn, ssl.SSLSocket):
         with contextlib.suppress(OSError, ValueError):
             raw = conn.unwrap()
     with contextlib.suppress(OSError):
@@ -135,6 +160,9 @@ def _http(conn: ssl.SSLSocket, name: str, line: bytes, rest: bytes) -> None:
             return
         head += data
     target = line.split()[1].decode("ascii")
+    method = line.split()[0].decode("latin-1")
+    host = _host_of(line + b"\r\n" + bytes(head))
+    _say(f"REQUEST {name} tls {method} {target} {host}")
     url = urlsplit(target)
     if url.path == "/name":
         body = f"backend={name}\n".encode()
@@ -159,25 +187,81 @@ def _http(conn: ssl.SSLSocket, name: str, line: bytes, rest: bytes) -> None:
     _finish(conn, close_notify=True)
 
 
-def _serve(conn: ssl.SSLSocket, name: str) -> None:
-    try:
-        conn.settimeout(IO_TIMEOUT)
-        conn.do_handshake()
-        line, rest = _read_line(conn)
-        if line.startswith(b"GET "):
-            _http(conn, name, line, rest)
-        elif line == b"UPLOAD":
-            digest, count = _read_to_eof(conn, rest)
-            conn.sendall(f"{digest} {count}\n".encode())
-            _finish(conn, close_notify=False)
-        elif line == b"ECHOALL":
-            digest, count = _read_to_eof(conn, rest)
-            conn.sendall(f"{digest} {count}\n".encode())
-            conn.sendall(echo_response())
-            _finish(conn, close_notify=False)
+def _plain(sock: socket.socket, name: str) -> None:
+    """Plain HTTP/1.1 with keep-alive (Content-Length bodies only), until the peer closes."""
+    buf = bytearray()
+    while True:
+        while b"\r\n\r\n" not in buf:
+            data = sock.recv(65536)
+            if not data or len(buf) > 65536:
+                return
+            buf += data
+        head, _, rest = bytes(buf).partition(b"\r\n\r\n")
+        request_line = head.split(b"\r\n", 1)[0].decode("latin-1")
+        method, target, version = [*request_line.split(" "), "", "", ""][:3]
+        host = _host_of(head)
+        _say(f"REQUEST {name} plain {method} {target} {host}")
+        headers = [line.lower() for line in head.split(b"\r\n")[1:]]
+        length = 0
+        for line in headers:
+            key, _, value = line.partition(b":")
+            if key.strip() == b"content-length":
+                length = int(value.strip())
+        body = bytearray(rest)
+        while len(body) < length:
+            data = sock.recv(65536)
+            if not data:
+                return
+            body += data
+        buf = body[length:]
+        close = version != "HTTP/1.1" or any(
+            line.replace(b" ", b"") == b"connection:close" for line in headers
+        )
+        if urlsplit(target).path == "/name":
+            status, payload = "200 OK", f"backend={name}\n".encode()
         else:
-            conn.sendall(b"ERROR unknown command\n")
-            _finish(conn, close_notify=False)
+            status, payload = "404 Not Found", b""
+        sock.sendall(
+            f"HTTP/1.1 {status}\r\nContent-Type: text/plain\r\n"
+            f"Content-Length: {len(payload)}\r\n".encode()
+            + (b"Connection: close\r\n" if close else b"")
+            + b"\r\n"
+            + payload
+        )
+        if close:
+            _finish(sock, close_notify=False)
+            return
+
+
+def _serve(raw: socket.socket, context: ssl.SSLContext, name: str) -> None:
+    conn: socket.socket = raw
+    try:
+        raw.settimeout(IO_TIMEOUT)
+        first = raw.recv(1, socket.MSG_PEEK)
+        if not first:
+            return
+        if first[0] != 0x16:
+            _plain(raw, name)
+            return
+        conn = tls = context.wrap_socket(
+            raw, server_side=True, do_handshake_on_connect=False, suppress_ragged_eofs=True
+        )
+        tls.do_handshake()
+        line, rest = _read_line(tls)
+        if line.startswith(b"GET "):
+            _http(tls, name, line, rest)
+        elif line == b"UPLOAD":
+            digest, count = _read_to_eof(tls, rest)
+            tls.sendall(f"{digest} {count}\n".encode())
+            _finish(tls, close_notify=False)
+        elif line == b"ECHOALL":
+            digest, count = _read_to_eof(tls, rest)
+            tls.sendall(f"{digest} {count}\n".encode())
+            tls.sendall(echo_response())
+            _finish(tls, close_notify=False)
+        else:
+            tls.sendall(b"ERROR unknown command\n")
+            _finish(tls, close_notify=False)
     except (OSError, ValueError):
         pass  # peers that vanish mid-test (the slow reader is cut on purpose) are normal
     finally:
@@ -187,10 +271,8 @@ def _serve(conn: ssl.SSLSocket, name: str) -> None:
 def _accept_loop(listener: socket.socket, context: ssl.SSLContext, name: str) -> None:
     while True:
         raw, _ = listener.accept()
-        conn = context.wrap_socket(
-            raw, server_side=True, do_handshake_on_connect=False, suppress_ragged_eofs=True
-        )
-        threading.Thread(target=_serve, args=(conn, name), daemon=True).start()
+        _say(f"ACCEPT {name}")
+        threading.Thread(target=_serve, args=(raw, context, name), daemon=True).start()
 
 
 def main(argv: list[str]) -> int:
