@@ -60,6 +60,15 @@ class AccessLog:
         self._file: IO[str] | None = None
         self._owned = False
 
+    @property
+    def is_open(self) -> bool:
+        return self._file is not None
+
+    def reopen(self) -> None:
+        """Close and open again: after logrotate moved the file away."""
+        self.close()
+        self.open()
+
     def open(self) -> None:
         if self._file is not None:
             return

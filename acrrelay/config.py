@@ -43,6 +43,7 @@ from acrrelay.routing import (
 
 __all__ = [
     "AcrConfig",
+    "AdminConfig",
     "ConfigError",
     "ListenerConfig",
     "Overlay",
@@ -170,6 +171,22 @@ class ListenerConfig:
 
 
 @attrs.frozen
+class AdminConfig:
+    """The admin listeners: an SSH shell and a Prometheus endpoint, both off by default."""
+
+    #: Server endpoint of the SSH admin shell; None for none.
+    ssh: str | None = None
+    #: The user name to log in as.
+    ssh_user: str = "admin"
+    #: OpenSSH authorized_keys file of the keys that may log in.
+    authorized_keys: str | None = None
+    #: The SSH host key, created (Ed25519, mode 0600) at first start if missing.
+    host_key: str = "ssh_host_ed25519_key"
+    #: Server endpoint of the Prometheus metrics page (/metrics); None for none.
+    metrics: str | None = None
+
+
+@attrs.frozen
 class AcrConfig:
     """One ``[[acr]]`` table (or ``--acr REGION``): a region's names and their backend."""
 
@@ -205,6 +222,9 @@ class RelayConfig:
     max_connections: int = 0
     #: Most connections at once from one client address; 0 for no limit.
     max_connections_per_client: int = 0
+    #: On SIGTERM or drain: how long in-flight connections may go on before they are cut.
+    drain_timeout: float = 30.0
+    admin: AdminConfig = attrs.field(factory=lambda: AdminConfig())
 
     def route_table(self) -> RouteTable:
         return RouteTable(self.routes)
@@ -232,7 +252,9 @@ _RELAY_KEYS: Final = (
     "access_log",
     "max_connections",
     "max_connections_per_client",
+    "drain_timeout",
 )
+_ADMIN_KEYS: Final = ("ssh", "ssh_user", "authorized_keys", "host_key", "metrics")
 _LISTEN_KEYS: Final = (
     "endpoint",
     "name",
@@ -534,6 +556,7 @@ def _build(source: str, document: dict[str, Any], overlay: Overlay) -> RelayConf
         "access_log": relay.get("access_log", _access_log, _access_log("-")),
         "max_connections": relay.get("max_connections", _count, 0),
         "max_connections_per_client": relay.get("max_connections_per_client", _count, 0),
+        "drain_timeout": relay.get("drain_timeout", parse_duration, 30.0),
     }
     relay.finish(_RELAY_KEYS)
     if overlay.access_log is not None:
@@ -543,7 +566,8 @@ def _build(source: str, document: dict[str, Any], overlay: Overlay) -> RelayConf
     acr = _acr_tables(source, doc, overlay)
     explicit = _explicit_routes(source, doc, overlay)
     hosts = _hosts(source, doc)
-    doc.finish(("relay", "listen", "route", "acr", "resolver"))
+    admin = _admin(source, doc)
+    doc.finish(("relay", "listen", "route", "acr", "resolver", "admin"))
 
     routes = _expand(explicit, acr)
     if not listeners:
@@ -561,8 +585,45 @@ def _build(source: str, document: dict[str, Any], overlay: Overlay) -> RelayConf
         routes=routes,
         acr=tuple(acr),
         hosts=MappingProxyType(hosts),
+        admin=admin,
         **settings,
     )
+
+
+def _local_by_default(value: object) -> str:
+    """A server endpoint; a tcp one without an interface is bound to 127.0.0.1."""
+    text = _server_endpoint(value)
+    kind, _, rest = text.partition(":")
+    if kind in ("tcp", "tcp6") and "interface=" not in rest:
+        loopback = "127.0.0.1" if kind == "tcp" else "\\:\\:1"
+        text = f"{text}:interface={loopback}"
+    return text
+
+
+def _admin(source: str, doc: _Table) -> AdminConfig:
+    doc._used.add("admin")
+    if not doc.has("admin"):
+        return AdminConfig()
+    table = _Table(source, "admin", doc._data["admin"])
+    defaults = AdminConfig()
+    admin = AdminConfig(
+        ssh=table.get("ssh", _local_by_default, None),
+        ssh_user=table.get("ssh_user", _string, defaults.ssh_user),
+        authorized_keys=table.get("authorized_keys", _string, None),
+        host_key=table.get("host_key", _string, defaults.host_key),
+        metrics=table.get("metrics", _local_by_default, None),
+    )
+    table.finish(_ADMIN_KEYS)
+    if admin.ssh is not None:
+        if admin.authorized_keys is None:
+            raise table.error("authorized_keys", "the SSH shell needs an authorized_keys file")
+        from acrrelay.admin.ssh import KeyFileError, read_authorized_keys
+
+        try:
+            read_authorized_keys(admin.authorized_keys)
+        except KeyFileError as e:
+            raise table.error("authorized_keys", str(e)) from None
+    return admin
 
 
 def _listeners(source: str, doc: _Table, overlay: Overlay) -> tuple[ListenerConfig, ...]:

@@ -319,6 +319,7 @@ class RelayProtocol(Protocol):
         assert isinstance(outcome, ClientHello)
         self.hello = outcome
         self._tls_reader = None
+        self.relay.metrics.hello_bytes.observe(outcome.size)
         self._route(outcome.server_name, self.listener.tls_port)
 
     def _feed_http(self, data: bytes) -> None:
@@ -421,6 +422,8 @@ class RelayProtocol(Protocol):
         assert self.door is not None
         self._cancel_timer()
         self._routed_at = self.relay.reactor.seconds()
+        metrics = self.relay.metrics
+        metrics.peek_seconds.labels(self.door.protocol).observe(self._routed_at - self.started)
         decision = self.relay.policy.decide(self.door, name, port, self.client_host or "")
         if isinstance(decision, Refusal):
             self._refuse(decision.reason, decision.detail)
@@ -428,6 +431,7 @@ class RelayProtocol(Protocol):
         assert name is not None
         host = normalize_name(name)
         self.route = decision
+        self.relay.stats.routed[(decision.name, self.door.protocol)] += 1
         self.target = (host, port)
         self.state = State.CONNECTING
         self.transport.pauseProducing()  # type: ignore[union-attr]
@@ -449,6 +453,10 @@ class RelayProtocol(Protocol):
             return
         self._connected_at = self.relay.reactor.seconds()
         self.backend_address = describe(transport.getPeer())  # type: ignore[union-attr]
+        if self.route is not None and self._routed_at is not None:
+            self.relay.metrics.connect_seconds.labels(self.route.name).observe(
+                self._connected_at - self._routed_at
+            )
         self.state = State.SPLICING
         settings = self.relay.settings
         self.pump = Pump(
@@ -514,8 +522,14 @@ class RelayProtocol(Protocol):
     def _spliced(self, result: PumpResult) -> None:
         if self._refusal is None:
             self._close_reason = result.reason
-        self.relay.stats.bytes_up += result.bytes_up
-        self.relay.stats.bytes_down += result.bytes_down
+        stats = self.relay.stats
+        stats.bytes_up += result.bytes_up
+        stats.bytes_down += result.bytes_down
+        stats.paused_seconds["up"] += result.paused_up
+        stats.paused_seconds["down"] += result.paused_down
+        if self.route is not None:
+            stats.route_bytes[(self.route.name, "up")] += result.bytes_up
+            stats.route_bytes[(self.route.name, "down")] += result.bytes_down
         self._finish(
             closed_first=result.closed_first,
             bytes_up=result.bytes_up,

@@ -13,9 +13,9 @@ accepted and dropped in a spin), and it counts connections per client address fo
 from __future__ import annotations
 
 import itertools
-from collections import Counter
+from collections import Counter, defaultdict
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any, Final, cast
 
 import attrs
 from twisted.logger import ILogObserver, LogEvent, Logger
@@ -25,6 +25,7 @@ from acrrelay.accesslog import AccessLog
 from acrrelay.auth import BasicAuth, Runner
 from acrrelay.backends import BackendConnector
 from acrrelay.config import ListenerConfig, RelayConfig
+from acrrelay.metrics import RelayMetrics
 from acrrelay.routing import ListenerPolicy, Policy, Refusal, client_ip
 
 if TYPE_CHECKING:
@@ -69,6 +70,14 @@ class RelayStats:
     backend_failures: Counter[str] = attrs.Factory(Counter)
     bytes_up: int = 0
     bytes_down: int = 0
+    #: Connections routed, by (route pattern, front door).
+    routed: Counter[tuple[str, str]] = attrs.Factory(Counter)
+    #: Bytes of finished connections, by (route pattern, "up" or "down").
+    route_bytes: Counter[tuple[str, str]] = attrs.Factory(Counter)
+    #: Seconds of back-pressure of finished connections, by "up" or "down".
+    paused_seconds: defaultdict[str, float] = attrs.Factory(lambda: defaultdict(float))
+    #: Reloads, by result: "ok" or "failed".
+    reloads: Counter[str] = attrs.Factory(Counter)
 
 
 class Relay:
@@ -83,36 +92,59 @@ class Relay:
         auth_runner: Runner | None = None,
     ) -> None:
         self.reactor = reactor
+        self._auth_runner = auth_runner
+        self._own_access_log = access_observer is None
+        self.stats = RelayStats()
+        self.metrics = RelayMetrics()
+        self.connections: dict[int, RelayProtocol] = {}
+        self.per_client: Counter[str] = Counter()
+        #: Set from the file-descriptor limit by the service when the config says 0.
+        self.max_connections = 1 << 30
+        self._ports: list[Any] = []
+        self.accepting = True
+        self._ids = itertools.count(1)
+        self.access_log: AccessLog | None = None
+        self._access_observer = access_observer
+        self.access = Logger(
+            namespace="acrrelay.access", observer=cast(ILogObserver, self._emit_access)
+        )
+        self.apply(config)
+        self.metrics.bind(self)
+
+    def apply(self, config: RelayConfig) -> None:
+        """Use ``config`` for every new connection; established ones keep what they have."""
         self.config = config
         self.settings = Settings.from_config(config)
         self.policy = Policy(
             config.route_table(),
             {listener.name: _listener_policy(listener) for listener in config.listeners},
         )
+        guard = getattr(getattr(self, "connector", None), "guard", None)
         self.connector = BackendConnector(
-            reactor, hosts=config.hosts, connect_timeout=config.connect_timeout
+            self.reactor, hosts=config.hosts, connect_timeout=config.connect_timeout, guard=guard
         )
         self.auth = {
-            listener.name: BasicAuth(listener.connect_users, reactor, auth_runner)
+            listener.name: BasicAuth(listener.connect_users, self.reactor, self._auth_runner)
             for listener in config.listeners
             if listener.connect_users is not None
         }
-        self.stats = RelayStats()
-        self.connections: dict[int, RelayProtocol] = {}
-        self.per_client: Counter[str] = Counter()
-        #: Set from the file-descriptor limit by the service when the config says 0.
-        self.max_connections = config.max_connections or 1 << 30
-        self._ports: list[Any] = []
-        self.accepting = True
-        self._ids = itertools.count(1)
-        self.access_log: AccessLog | None = None
-        if access_observer is None and config.access_log is not None:
-            self.access_log = AccessLog(config.access_log)
-            access_observer = self.access_log
-        self.access = Logger(
-            namespace="acrrelay.access",
-            observer=_DISCARD if access_observer is None else access_observer,  # type: ignore[arg-type]
-        )
+        if config.max_connections:
+            self.max_connections = config.max_connections
+        if self._own_access_log:
+            target = config.access_log
+            if self.access_log is None or self.access_log.target != target:
+                opened = self.access_log is not None and self.access_log.is_open
+                if self.access_log is not None:
+                    self.access_log.close()
+                self.access_log = AccessLog(target) if target is not None else None
+                if opened and self.access_log is not None:
+                    self.access_log.open()
+
+    def _emit_access(self, event: LogEvent) -> None:
+        if self._access_observer is not None:
+            self._access_observer(event)
+        elif self.access_log is not None:
+            self.access_log(event)
 
     def next_id(self) -> int:
         return next(self._ids)

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import ipaddress
 import resource
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any, Final
 
 import psutil
@@ -30,7 +30,16 @@ from twisted.internet.interfaces import IListeningPort
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from acrrelay.config import ListenerConfig, RelayConfig
+from acrrelay.admin.shell import namespace
+from acrrelay.admin.ssh import (
+    KeyFileError,
+    host_key,
+    make_ssh_factory,
+    read_authorized_keys,
+    ssh_portal,
+)
+from acrrelay.config import ConfigError, ListenerConfig, RelayConfig, format_duration
+from acrrelay.metrics import metrics_site
 from acrrelay.peek import RelayFactory, describe
 from acrrelay.relay import AccessObserver, Relay
 
@@ -78,7 +87,13 @@ class ListenError(Exception):
 
 
 class RelayService(MultiService):
-    """Runs a :class:`~acrrelay.relay.Relay` on every configured listener."""
+    """Runs a :class:`~acrrelay.relay.Relay` on every configured listener, with the admin
+    shell and metrics if configured.
+
+    :meth:`reload` re-reads the configuration (``config_loader``) and applies it to new
+    connections without touching established ones; stopping drains for up to
+    ``drain_timeout`` first.
+    """
 
     _log = Logger(namespace="acrrelay.service")
 
@@ -88,14 +103,24 @@ class RelayService(MultiService):
         reactor: Any,
         *,
         access_observer: AccessObserver | None = None,
+        config_loader: Callable[[], RelayConfig] | None = None,
     ) -> None:
         super().__init__()
         self.reactor = reactor
         self.config = config
+        self.config_loader = config_loader
         self.relay = Relay(config, reactor, access_observer=access_observer)
-        self.ports: list[IListeningPort] = []
+        self._listening: dict[str, tuple[IListeningPort, RelayFactory]] = {}
+        self._admin_ports: list[IListeningPort] = []
+        self._ssh_factory: Any = None
         self._bound = False
-        self._pending: list[defer.Deferred[IListeningPort]] = []
+        self._drain_deadline: float | None = None
+        self.draining = False
+
+    @property
+    def ports(self) -> list[IListeningPort]:
+        """The relay's listening ports, in listener order (not the admin ones)."""
+        return [port for port, _ in self._listening.values()]
 
     def privilegedStartService(self) -> None:
         self._bind()
@@ -117,11 +142,127 @@ class RelayService(MultiService):
 
     @defer.inlineCallbacks
     def stopService(self):  # type: ignore[no-untyped-def]
+        deadline = self._drain_deadline
+        yield self.drain(self.config.drain_timeout if deadline is None else deadline)
         yield super().stopService()
-        ports, self.ports = self.ports, []
+        admin, self._admin_ports = self._admin_ports, []
+        yield defer.gatherResults([defer.maybeDeferred(p.stopListening) for p in admin])
         self._bound = False
-        yield defer.gatherResults([defer.maybeDeferred(p.stopListening) for p in ports])
         self.relay.close()
+
+    # -- reload
+
+    def reload(self) -> str:
+        """Re-read the configuration and apply it; a summary of what changed, or why not."""
+        if self.config_loader is None:
+            return "reload: this relay was given a configuration, not a file to read again"
+        try:
+            config = self.config_loader()
+        except ConfigError as e:
+            return self._reload_failed(str(e))
+        return self.apply(config)
+
+    def apply(self, config: RelayConfig) -> str:
+        """Use ``config`` for new connections; established ones are not touched."""
+        old = self.config
+        old_endpoints = {listener.endpoint for listener in old.listeners}
+        new_endpoints = {listener.endpoint for listener in config.listeners}
+        added: list[tuple[str, tuple[IListeningPort, RelayFactory]]] = []
+        try:
+            for listener in config.listeners:
+                if listener.endpoint not in old_endpoints:
+                    added.append((listener.endpoint, self._listen_now(listener)))
+        except ListenError as e:
+            for _, (port, _) in added:
+                port.stopListening()
+            return self._reload_failed(str(e))
+        self.relay.apply(config)
+        listening: dict[str, tuple[IListeningPort, RelayFactory]] = {}
+        fresh = dict(added)
+        for listener in config.listeners:
+            port, factory = self._listening.get(listener.endpoint) or fresh[listener.endpoint]
+            factory.listener = listener  # new connections see the new listener settings
+            listening[listener.endpoint] = (port, factory)
+        for endpoint, (port, _) in self._listening.items():
+            if endpoint not in new_endpoints:
+                port.stopListening()  # its established connections go on
+        self._listening = listening
+        self.config = config
+        self._apply_limits()
+        if self.relay.access_log is not None and self.relay.access_log.is_open:
+            self.relay.access_log.reopen()  # after logrotate moved it away
+        self._refresh_admin_keys()
+        summary = describe_changes(old, config)
+        self.relay.stats.reloads["ok"] += 1
+        self._log.info("reloaded {source}: {summary}", source=config.source, summary=summary)
+        return f"reloaded {config.source}: {summary}"
+
+    def _reload_failed(self, why: str) -> str:
+        self.relay.stats.reloads["failed"] += 1
+        self._log.error("reload rejected, the previous configuration stays: {why}", why=why)
+        return f"reload rejected, the previous configuration stays: {why}"
+
+    # -- drain and stop
+
+    def start_shutdown(self, seconds: float | None = None) -> float:
+        """Drain for ``seconds`` (default: drain_timeout), then stop the reactor."""
+        deadline = self.config.drain_timeout if seconds is None else seconds
+        self._drain_deadline = deadline
+        self.reactor.callLater(0, self.reactor.stop)
+        return deadline
+
+    def drain(self, deadline: float) -> defer.Deferred[None]:
+        """Stop accepting; wait up to ``deadline`` seconds for connections to finish, logging
+        what remains; then cut the rest and log each. Fires when none is left."""
+        self.draining = True
+        self.relay.accepting = False
+        ports, self._listening = self.ports, {}
+        for port in ports:
+            port.stopListening()
+        done: defer.Deferred[None] = defer.Deferred()
+        started = self.reactor.seconds()
+        relay = self.relay
+        had_connections = bool(relay.connections)
+        if had_connections:
+            self._log.info(
+                "draining {count} connections for up to {deadline}",
+                count=len(relay.connections),
+                deadline=format_duration(deadline),
+            )
+        state = {"next_report": started + 10.0, "cut_at": None}
+
+        def check() -> None:
+            now = self.reactor.seconds()
+            if not relay.connections:
+                if state["cut_at"] is None and had_connections:
+                    self._log.info("drained: every connection finished")
+                done.callback(None)
+                return
+            if state["cut_at"] is None and now - started >= deadline:
+                state["cut_at"] = now
+                for connection in list(relay.connections.values()):
+                    self._log.warn(
+                        "drain deadline: cutting {id} {client} -> {target} "
+                        "({up} up, {down} down, {state})",
+                        **_connection_fields(connection),
+                    )
+                    connection.kill("drained")
+            elif state["cut_at"] is not None and now - state["cut_at"] > 5:
+                done.callback(None)  # cut connections that will not even close
+                return
+            elif now >= state["next_report"]:
+                state["next_report"] = now + 10.0
+                self._log.info(
+                    "draining: {count} connections left, {left} to go",
+                    count=len(relay.connections),
+                    left=format_duration(max(0.0, deadline - (now - started))),
+                )
+            self.reactor.callLater(0.1, check)
+
+        check()
+        return done
+
+    # -- listening
 
     def _apply_limits(self) -> None:
         self.relay.watch_ports(self.ports)
@@ -139,33 +280,127 @@ class RelayService(MultiService):
         """The bound addresses, in listener order (port 0 shows the port chosen)."""
         return [port.getHost() for port in self.ports]
 
+    def admin_addresses(self) -> list[Any]:
+        """The admin shell's and the metrics page's bound addresses, in that order."""
+        return [port.getHost() for port in self._admin_ports]
+
     def _bind(self) -> None:
         if self._bound:
             return
         self._bound = True
-        for listener in self.config.listeners:
-            try:
-                self.ports.append(self._listen_now(listener))
-            except ListenError:
-                for port in self.ports:
-                    port.stopListening()
-                self.ports = []
-                self._bound = False
-                raise
+        try:
+            for listener in self.config.listeners:
+                self._listening[listener.endpoint] = self._listen_now(listener)
+            self._bind_admin()
+        except ListenError:
+            for port in [*self.ports, *self._admin_ports]:
+                port.stopListening()
+            self._listening, self._admin_ports = {}, []
+            self._bound = False
+            raise
 
-    def _listen_now(self, listener: ListenerConfig) -> IListeningPort:
-        endpoint = serverFromString(self.reactor, listener.endpoint)
+    def _bind_admin(self) -> None:
+        admin = self.config.admin
+        if admin.ssh is not None:
+            try:
+                server_key = host_key(admin.host_key)
+                self._ssh_factory = make_ssh_factory(
+                    namespace(self), authorized=self._authorized(), server_key=server_key
+                )
+            except KeyFileError as e:
+                raise ListenError(f"cannot start the SSH shell: {e}") from None
+            port = self._listen_endpoint(admin.ssh, self._ssh_factory)
+            self._admin_ports.append(port)
+            address = port.getHost()
+            self._log.info(
+                "admin shell on {address}: ssh -p {port} {user}@{host}",
+                address=describe(address),
+                port=getattr(address, "port", "?"),
+                user=admin.ssh_user,
+                host=getattr(address, "host", "?"),
+            )
+        if admin.metrics is not None:
+            port = self._listen_endpoint(admin.metrics, metrics_site(self.relay.metrics.registry))
+            self._admin_ports.append(port)
+            self._log.info("metrics on http://{address}/metrics", address=describe(port.getHost()))
+
+    def _authorized(self) -> dict[bytes, list[Any]]:
+        admin = self.config.admin
+        assert admin.authorized_keys is not None
+        return {admin.ssh_user.encode(): read_authorized_keys(admin.authorized_keys)}
+
+    def _refresh_admin_keys(self) -> None:
+        if self._ssh_factory is None or self.config.admin.ssh is None:
+            return
+        try:
+            self._ssh_factory.portal = ssh_portal(namespace(self), self._authorized())
+        except KeyFileError as e:
+            self._log.error("admin shell keys not reloaded: {why}", why=str(e))
+
+    def _listen_now(self, listener: ListenerConfig) -> tuple[IListeningPort, RelayFactory]:
+        factory = RelayFactory(self.relay, listener)
+        return self._listen_endpoint(listener.endpoint, factory), factory
+
+    def _listen_endpoint(self, description: str, factory: Any) -> IListeningPort:
+        endpoint = serverFromString(self.reactor, description)
         outcome: list[IListeningPort | Failure] = []
-        d = endpoint.listen(RelayFactory(self.relay, listener))
+        d = endpoint.listen(factory)
         d.addBoth(outcome.append)
         if not outcome:
             # Standard endpoints bind synchronously; anything else must not leave us guessing.
             d.cancel()
-            raise ListenError(f"cannot listen on {listener.endpoint}: it did not bind at once")
+            raise ListenError(f"cannot listen on {description}: it did not bind at once")
         result = outcome[0]
         if isinstance(result, Failure):
-            raise ListenError(f"cannot listen on {listener.endpoint}: {_why(result)}")
+            raise ListenError(f"cannot listen on {description}: {_why(result)}")
         return result
+
+
+def _connection_fields(connection: Any) -> dict[str, Any]:
+    pump = connection.pump
+    target = connection.target
+    return {
+        "id": connection.id,
+        "client": connection.client,
+        "target": f"{target[0]}:{target[1]}" if target else "-",
+        "up": pump.bytes_up if pump else 0,
+        "down": pump.bytes_down if pump else 0,
+        "state": connection.state.value,
+    }
+
+
+def describe_changes(old: RelayConfig, new: RelayConfig) -> str:
+    """A one-line summary of what a reload changes."""
+    old_routes = {route.name: route for route in old.routes}
+    new_routes = {route.name: route for route in new.routes}
+    added = [name for name in new_routes if name not in old_routes]
+    removed = [name for name in old_routes if name not in new_routes]
+    changed = [
+        name for name in new_routes if name in old_routes and new_routes[name] != old_routes[name]
+    ]
+    old_listeners = {listener.endpoint for listener in old.listeners}
+    new_listeners = {listener.endpoint for listener in new.listeners}
+    parts = [
+        f"routes +{len(added)} -{len(removed)} ~{len(changed)} (now {len(new_routes)})",
+        f"listeners +{len(new_listeners - old_listeners)} -{len(old_listeners - new_listeners)}",
+    ]
+    for title, names in (("added", added), ("removed", removed), ("changed", changed)):
+        if names:
+            shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+            parts.append(f"{title}: {shown}")
+    settings = [
+        f"{field} {getattr(old, field)!r} -> {getattr(new, field)!r}"
+        for field in (
+            "peek_timeout", "peek_limit", "connect_timeout", "idle_timeout", "buffer_size",
+            "access_log", "max_connections", "max_connections_per_client", "drain_timeout",
+        )
+        if getattr(old, field) != getattr(new, field)
+    ]  # fmt: skip
+    if settings:
+        parts.append("settings: " + ", ".join(settings))
+    if old.admin != new.admin:
+        parts.append("admin listener changes take effect at restart")
+    return "; ".join(parts)
 
 
 def _own_endpoints(
@@ -199,11 +434,15 @@ def make_relay_service(
     reactor: Any,
     *,
     access_observer: AccessObserver | None = None,
+    config_loader: Callable[[], RelayConfig] | None = None,
 ) -> RelayService:
     """Build the relay service for ``config`` on ``reactor``.
 
     ``access_observer`` receives one ``twisted.logger`` event per connection (see
     :mod:`acrrelay.accesslog` for the fields); by default the events are written as
-    JSON lines to ``config.access_log``.
+    JSON lines to ``config.access_log``. ``config_loader`` is what :meth:`RelayService.reload`
+    calls to read the configuration again (for example ``lambda: load_config(path)``).
     """
-    return RelayService(config, reactor, access_observer=access_observer)
+    return RelayService(
+        config, reactor, access_observer=access_observer, config_loader=config_loader
+    )

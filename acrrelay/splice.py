@@ -249,6 +249,13 @@ class Pump:
 
     # -- state for admin views
 
+    def paused_seconds(self) -> tuple[float, float]:
+        """(client held back, backend held back) in seconds so far."""
+        return (
+            self._up.paused_seconds() if self._up else 0.0,
+            self._down.paused_seconds() if self._down else 0.0,
+        )
+
     @property
     def paused(self) -> tuple[bool, bool]:
         """(client held back, backend held back) by back-pressure right now."""

@@ -1,11 +1,15 @@
-"""twistd / twist glue: options, and a service that exits cleanly when it cannot start.
+"""twistd / twist glue: options, signals, and a service that exits cleanly when it cannot start.
 
 twist acrrelay --config etc/acrrelay.toml
 twist acrrelay --listen tcp:8443 --acr cn-beijing --route registry.example=resolve
+
+SIGHUP re-reads the configuration (the file and the same flags); SIGTERM and SIGINT
+drain for up to ``drain_timeout`` and exit 0.
 """
 
 from __future__ import annotations
 
+import signal
 from typing import Any
 
 from twisted.application.service import IService
@@ -58,7 +62,8 @@ class Options(usage.Options):
 
 
 class _ExitingRelayService(RelayService):
-    """As run by twist(d): a start-up failure is one line on stderr and a non-zero exit."""
+    """As run by twist(d): a start-up failure is one line on stderr and a non-zero exit,
+    and SIGHUP reloads."""
 
     def privilegedStartService(self) -> None:
         try:
@@ -71,14 +76,26 @@ class _ExitingRelayService(RelayService):
             super().startService()
         except ListenError as e:
             raise SystemExit(f"acrrelay: {e}") from None
+        signal.signal(signal.SIGHUP, self._on_sighup)
+
+    def _on_sighup(self, signum: int, frame: object) -> None:
+        # Not here, in the middle of whatever the signal interrupted: in the reactor.
+        self.reactor.callFromThread(self.reload)
+
+    def stopService(self):  # type: ignore[no-untyped-def]
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)  # a late reload must not race the drain
+        return super().stopService()
 
 
 def makeService(options: Options) -> IService:
     from twisted.internet import reactor
 
+    path, overlay = options["config"], options.overlay()
     try:
-        config = load_config(options["config"], options.overlay())
+        config = load_config(path, overlay)
     except ConfigError as e:
         raise SystemExit(f"acrrelay: {e}") from None
-    service: Any = _ExitingRelayService(config, reactor)
+    service: Any = _ExitingRelayService(
+        config, reactor, config_loader=lambda: load_config(path, overlay)
+    )
     return service  # type: ignore[no-any-return]
