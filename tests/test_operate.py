@@ -1,0 +1,370 @@
+"""Layers 2 and 3: reload, drain, metrics, the admin shell and its SSH keys, on fake reactors."""
+
+from __future__ import annotations
+
+import os
+import stat
+from pathlib import Path
+from typing import Any
+
+import pytest
+from prometheus_client import generate_latest
+from prometheus_client.parser import text_string_to_metric_families
+from twisted.conch.manhole_ssh import ConchFactory
+from twisted.conch.ssh import keys
+from twisted.internet.address import IPv4Address
+from twisted.internet.error import CannotListenError, ConnectionDone, ConnectionLost
+from twisted.internet.testing import MemoryReactorClock
+from twisted.python.failure import Failure
+
+from acrrelay import make_relay_service, parse_config
+from acrrelay.admin.shell import RelayShell, human_bytes
+from acrrelay.admin.ssh import (
+    KeyFileError,
+    host_key,
+    make_ssh_factory,
+    read_authorized_keys,
+    run_command,
+)
+from acrrelay.config import ConfigError, RelayConfig
+from acrrelay.service import RelayService, describe_changes
+from acrrelay.testing import alert_description, client_hello_bytes
+from tests.doubles import Events, PipeEnd
+
+A = "a.example.com"
+B = "b.example.com"
+BASE = """
+[relay]
+drain_timeout = "20s"
+[[listen]]
+endpoint = "tcp:8443"
+name = "front"
+[[route]]
+name = "a.example.com"
+backend = "tcp:host=10.1.1.1:port=443"
+"""
+
+
+class Reactor(MemoryReactorClock):
+    """A MemoryReactorClock whose listenTCP fails for chosen ports."""
+
+    def __init__(self, refuse: set[int] | None = None) -> None:
+        super().__init__()
+        self.refuse = refuse or set()
+
+    def listenTCP(self, port: int, factory: Any, backlog: int = 50, interface: str = "") -> Any:
+        if port in self.refuse:
+            raise CannotListenError(interface, port, OSError(98, "Address already in use"))
+        return super().listenTCP(port, factory, backlog, interface)
+
+
+class Running:
+    """A started RelayService on a fake reactor whose config can be swapped for reloads."""
+
+    def __init__(self, toml: str = BASE, refuse: set[int] | None = None) -> None:
+        self.reactor = Reactor(refuse)
+        self.events = Events()
+        self.next_config: RelayConfig | Exception = parse_config(toml, "relay.toml")
+        self.service: RelayService = make_relay_service(
+            parse_config(toml, "relay.toml"),
+            self.reactor,
+            access_observer=self.events,
+            config_loader=self._load,
+        )
+        self.service.startService()
+
+    def _load(self) -> RelayConfig:
+        if isinstance(self.next_config, Exception):
+            raise self.next_config
+        return self.next_config
+
+    def reload_with(self, toml: str) -> str:
+        self.next_config = parse_config(toml, "relay.toml")
+        return self.service.reload()
+
+    def factory(self, port: int) -> Any:
+        return next(f for p, f, _, _ in reversed(self.reactor.tcpServers) if p == port)
+
+    def connect(self, name: str, port: int = 8443) -> tuple[Any, PipeEnd]:
+        protocol = self.factory(port).buildProtocol(IPv4Address("TCP", "192.0.2.7", 40000))
+        transport = PipeEnd()
+        transport.protocol = protocol
+        protocol.makeConnection(transport)
+        protocol.dataReceived(client_hello_bytes(name))
+        return protocol, transport
+
+    def splice(self, protocol: Any) -> tuple[Any, PipeEnd]:
+        host, port, factory, _, _ = self.reactor.tcpClients[-1]
+        backend = factory.buildProtocol(IPv4Address("TCP", host, port))
+        transport = PipeEnd((host, port), port=50000)
+        transport.protocol = backend
+        backend.makeConnection(transport)
+        return backend, transport
+
+
+def close_pair(client: Any, backend: Any) -> None:
+    client.readConnectionLost()
+    backend.readConnectionLost()
+    client.connectionLost(Failure(ConnectionDone()))
+    backend.connectionLost(Failure(ConnectionDone()))
+
+
+# -- reload
+
+
+def test_reload_swaps_routes_for_new_connections_only() -> None:
+    """After a reload new connections use the new routes; an established one keeps its route."""
+    r = Running()
+    old, _ = r.connect(A)
+    backend, _ = r.splice(old)
+    summary = r.reload_with(BASE.replace(A, B))
+    assert "routes +1 -1 ~0 (now 1)" in summary
+    assert "added: b.example.com" in summary and "removed: a.example.com" in summary
+    _, refused = r.connect(A)
+    assert alert_description(refused.value()) == 112
+    assert r.service.relay.stats.refused["not_allowed"] == 1
+    routed, _ = r.connect(B)
+    assert routed.route is not None and routed.route.name == B
+    # The established connection still runs on the route it had.
+    assert old.route is not None and old.route.name == A
+    old.dataReceived(b"still flowing")
+    assert old.pump.bytes_up > len(b"still flowing")
+    close_pair(old, backend)
+    assert r.events[-1]["route"] == A and r.events[-1]["close_reason"] == "done"
+    assert r.service.relay.stats.reloads["ok"] == 1
+
+
+def test_an_invalid_config_is_rejected_and_the_old_one_stays() -> None:
+    """A reload whose config does not load changes nothing, is logged, and counted."""
+    r = Running()
+    r.next_config = ConfigError("relay.toml", "relay.idle_timeout", "expected a duration")
+    summary = r.service.reload()
+    assert summary.startswith("reload rejected, the previous configuration stays: ")
+    assert "relay.idle_timeout" in summary
+    routed, _ = r.connect(A)
+    assert routed.route is not None
+    assert r.service.relay.stats.reloads == {"failed": 1}
+
+
+def test_reload_adds_and_removes_listeners() -> None:
+    """An added listener starts accepting; a removed one stops; the kept one gets new settings."""
+    r = Running()
+    added = BASE + '[[listen]]\nendpoint = "tcp:9443"\nname = "second"\n'
+    assert "listeners +1 -0" in r.reload_with(added)
+    assert [p for p, *_ in r.reactor.tcpServers] == [8443, 9443]
+    protocol, _ = r.connect(A, port=9443)
+    assert protocol.listener.name == "second"
+    renamed = added.replace(
+        'endpoint = "tcp:8443"\nname = "front"', 'endpoint = "tcp:8443"\nname = "main"'
+    )
+    r.reload_with(renamed.replace('[[listen]]\nendpoint = "tcp:9443"\nname = "second"\n', ""))
+    assert len(r.service.ports) == 1
+    assert r.service.ports[0].getHost().port == 8443
+    assert r.factory(8443).listener.name == "main"
+
+
+def test_a_listener_that_cannot_bind_rolls_the_reload_back() -> None:
+    """If an added listener cannot bind, nothing of the new config is applied."""
+    r = Running(refuse={9443})
+    summary = r.reload_with(BASE.replace(A, B) + '[[listen]]\nendpoint = "tcp:9443"\n')
+    assert "cannot listen on tcp:9443: address already in use" in summary
+    assert r.service.relay.policy.table.lookup(A) is not None
+    assert r.service.relay.policy.table.lookup(B) is None
+    assert r.service.relay.stats.reloads["failed"] == 1
+
+
+def test_change_summary_names_settings() -> None:
+    """The reload summary says which settings changed."""
+    old = parse_config(BASE)
+    new = parse_config(BASE.replace('drain_timeout = "20s"', 'drain_timeout = "5m"'))
+    assert "settings: drain_timeout 20.0 -> 300.0" in describe_changes(old, new)
+
+
+# -- drain
+
+
+def test_drain_waits_for_in_flight_connections() -> None:
+    """Stopping stops accepting, waits for connections to finish, then fires."""
+    r = Running()
+    client, _ = r.connect(A)
+    backend, _ = r.splice(client)
+    stopped = r.service.stopService()
+    assert r.reactor.tcpServers[0][1] is not None
+    assert not r.service.relay.accepting
+    fired: list[object] = []
+    stopped.addBoth(fired.append)
+    r.reactor.advance(5)
+    assert not fired
+    close_pair(client, backend)
+    r.reactor.advance(0.2)
+    assert fired == [None]
+    assert r.events[-1]["close_reason"] == "done"
+
+
+def test_drain_cuts_what_is_left_at_the_deadline() -> None:
+    """At drain_timeout the remaining connections are cut, and logged as drained."""
+    r = Running()
+    client, client_end = r.connect(A)
+    backend, backend_end = r.splice(client)
+    fired: list[object] = []
+    r.service.stopService().addBoth(fired.append)
+    r.reactor.advance(19.9)
+    assert not client_end.disconnected
+    r.reactor.advance(0.2)
+    assert client_end.disconnected and backend_end.disconnected
+    client.connectionLost(Failure(ConnectionLost()))
+    backend.connectionLost(Failure(ConnectionLost()))
+    r.reactor.advance(0.2)
+    assert fired == [None]
+    assert r.events[-1]["close_reason"] == "drained"
+
+
+def test_start_shutdown_drains_with_its_own_deadline() -> None:
+    """relay.drain(seconds) from the shell drains with that deadline, then stops the reactor."""
+    r = Running()
+    client, client_end = r.connect(A)
+    r.splice(client)
+    stopped: list[bool] = []
+    r.reactor.stop = lambda: stopped.append(True)  # type: ignore[method-assign]
+    text = RelayShell(r.service).drain(2)
+    assert "draining: 1 connection(s), deadline 2s" in text
+    r.reactor.advance(0)
+    assert stopped == [True]
+    r.service.stopService()
+    r.reactor.advance(2.1)
+    assert client_end.disconnected
+
+
+# -- metrics
+
+
+def scrape(service: RelayService) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    text = generate_latest(service.relay.metrics.registry).decode()
+    samples = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            samples[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    return samples
+
+
+def test_metrics_count_what_happened() -> None:
+    """Counters and histograms move by exactly what the connections did, in flight too."""
+    r = Running()
+    hello = client_hello_bytes(A)
+    client, _ = r.connect(A)
+    backend, _ = r.splice(client)
+    backend.dataReceived(b"x" * 1000)
+    r.connect("unknown.example.com")
+    live = scrape(r.service)
+    route = (("front_door", "tls"), ("route", A))
+    assert live[("acrrelay_connections_active", route)] == 1
+    assert live[("acrrelay_connections_total", route)] == 1
+    assert live[("acrrelay_bytes_total", (("direction", "down"), ("route", A)))] == 1000
+    assert live[("acrrelay_refusals_total", (("reason", "not_allowed"),))] == 1
+    assert live[("acrrelay_client_hello_bytes_count", ())] == 2
+    assert live[("acrrelay_accepting", ())] == 1
+    close_pair(client, backend)
+    done = scrape(r.service)
+    assert ("acrrelay_connections_active", route) not in done
+    assert done[("acrrelay_bytes_total", (("direction", "down"), ("route", A)))] == 1000
+    assert done[("acrrelay_bytes_total", (("direction", "up"), ("route", A)))] >= len(hello) - 10
+    assert done[("acrrelay_reloads_total", (("result", "ok"),))] == 0
+    assert ("acrrelay_backpressure_seconds_total", (("direction", "up"),)) in done
+
+
+def test_metrics_registries_are_per_service() -> None:
+    """Two services never share a registry (nor use the global one)."""
+    from prometheus_client import REGISTRY
+
+    one, two = Running(), Running()
+    assert one.service.relay.metrics.registry is not two.service.relay.metrics.registry
+    assert REGISTRY.get_sample_value("acrrelay_accepting") is None
+
+
+# -- the shell
+
+
+def test_shell_connections_kill_routes_stats() -> None:
+    """The relay object shows live connections in a table, kills one, and reports."""
+    r = Running()
+    client, client_end = r.connect(A)
+    r.splice(client)
+    r.reactor.advance(65)
+    shell = RelayShell(r.service)
+    table = repr(shell.connections())
+    header, row, summary = table.splitlines()
+    columns = ["ID", "CLIENT", "DOOR", "TARGET", "ROUTE", "BACKEND", "UP", "DOWN", "AGE"]
+    assert header.split() == [*columns, "STATE", "PAUSED"]
+    assert row.split()[:4] == [str(client.id), "192.0.2.7:40000", "tls", f"{A}:443"]
+    assert "1m5s" in row and "splicing" in row
+    assert summary == "1 connection(s)"
+    assert repr(shell.kill(client.id)) == f"killed {client.id} (192.0.2.7:40000 -> {A}:443)"
+    assert client_end.disconnected
+    assert repr(shell.kill(999)) == "no connection 999"
+    assert A in repr(shell.routes())
+    assert "accepted      1" in repr(shell.stats())
+
+
+def test_human_bytes() -> None:
+    """Byte counts read as K, M, G."""
+    assert [human_bytes(n) for n in (0, 1023, 1536, 5 << 30)] == ["0", "1023", "1.5K", "5.0G"]
+
+
+# -- SSH keys and commands
+
+
+def test_host_key_is_created_private_and_reused(tmp_path: Path) -> None:
+    """The host key is made at first start with mode 0600, and read back the same after."""
+    path = tmp_path / "state" / "host_key"
+    first = host_key(str(path))
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert first.sshType() == b"ssh-ed25519"
+    assert host_key(str(path)).fingerprint() == first.fingerprint()
+    os.chmod(path, 0o644)
+    with pytest.raises(KeyFileError, match="readable by others"):
+        host_key(str(path))
+
+
+def test_each_factory_has_its_own_keys(tmp_path: Path) -> None:
+    """Two shells in one process keep their own host keys; conch's class dicts stay empty."""
+    one = make_ssh_factory({}, authorized={}, server_key=host_key(str(tmp_path / "one")))
+    two = make_ssh_factory({}, authorized={}, server_key=host_key(str(tmp_path / "two")))
+    assert one.privateKeys != two.privateKeys
+    assert ConchFactory.publicKeys == {} and ConchFactory.privateKeys == {}
+
+
+def test_authorized_keys_file(tmp_path: Path) -> None:
+    """authorized_keys lines with comments and options are read; junk is an error with a line."""
+    key = keys.Key.fromString(host_key(str(tmp_path / "k")).public().toString("OPENSSH"))
+    line = key.toString("OPENSSH").decode()
+    path = tmp_path / "authorized_keys"
+    path.write_text(f'# admins\n{line} alice@laptop\nfrom="10.0.0.0/8",no-pty {line} bob\n')
+    assert [k.fingerprint() for k in read_authorized_keys(str(path))] == [key.fingerprint()] * 2
+    path.write_text("# admins\nnot a key\n")
+    with pytest.raises(KeyFileError, match="line 2: no public key found"):
+        read_authorized_keys(str(path))
+    path.write_text("# nobody yet\n")
+    with pytest.raises(KeyFileError, match="lists no keys"):
+        read_authorized_keys(str(path))
+
+
+def test_run_command_gives_output_and_status() -> None:
+    """One expression prints its value; statements print what they print; errors exit 1."""
+    namespace: dict[str, Any] = {"x": 41}
+    assert run_command(namespace, "x + 1") == ("42\n", 0)
+    assert run_command(namespace, "y = x; print(y)") == ("41\n", 0)
+    output, status = run_command(namespace, "1/0")
+    assert status == 1 and "ZeroDivisionError" in output
+
+
+def test_admin_config(tmp_path: Path) -> None:
+    """The SSH shell needs authorized keys, and binds 127.0.0.1 unless told otherwise."""
+    with pytest.raises(ConfigError, match=r"admin\.authorized_keys: the SSH shell needs"):
+        parse_config(BASE + '[admin]\nssh = "tcp:2222"\n')
+    path = tmp_path / "authorized_keys"
+    path.write_text(host_key(str(tmp_path / "k")).public().toString("OPENSSH").decode() + "\n")
+    config = parse_config(
+        BASE + f'[admin]\nssh = "tcp:2222"\nauthorized_keys = "{path}"\nmetrics = "tcp6:9180"\n'
+    )
+    assert config.admin.ssh == "tcp:2222:interface=127.0.0.1"
+    assert config.admin.metrics == "tcp6:9180:interface=\\:\\:1"
