@@ -6,6 +6,7 @@ acrrelay check-config etc/acrrelay.toml [--listen E] [--route N=B] [--acr REGION
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Iterable, Sequence
 from typing import TextIO
@@ -114,6 +115,115 @@ def _passwd(args: argparse.Namespace, out: TextIO) -> int:
     return 0
 
 
+def _split_relay(text: str, default_port: int) -> tuple[str, int]:
+    host, port = text, default_port
+    if text.startswith("["):
+        host, _, rest = text[1:].partition("]")
+        port = int(rest[1:]) if rest.startswith(":") else default_port
+    elif text.count(":") == 1:
+        host, _, port_text = text.partition(":")
+        port = int(port_text)
+    return host, port
+
+
+def _hosts(args: argparse.Namespace, out: TextIO) -> int:
+    from acrrelay.catalogue import UnknownRegion
+    from acrrelay.clienthelp import client_names, containerd_proxy, dockerd_proxy, hosts_lines
+
+    try:
+        host, port = _split_relay(args.relay, 443 if args.format == "hosts" else 3128)
+        names = client_names(
+            args.acr,
+            args.network,
+            instances=args.instance,
+            personal=args.personal,
+            buckets=args.bucket,
+        )
+    except UnknownRegion as e:
+        raise ConfigError("hosts", f"--acr {args.acr}", str(e)) from None
+    except ValueError:
+        raise ConfigError("hosts", f"--relay {args.relay}", "expected ADDRESS[:PORT]") from None
+    if args.format == "hosts":
+        if port != 443:
+            raise ConfigError(
+                "hosts",
+                f"--relay {args.relay}",
+                "a hosts file cannot name a port; the relay "
+                "must answer on 443 (and 80) for hosts-file clients",
+            )
+        try:
+            out.write(hosts_lines(host, names))
+        except ValueError:
+            raise ConfigError(
+                "hosts", f"--relay {args.relay}", "a hosts file needs the relay's IP address"
+            ) from None
+    elif args.format == "dockerd":
+        out.write(dockerd_proxy(host, port, args.proxy_user))
+    else:
+        for registry in names.registry:
+            out.write(containerd_proxy(host, port, registry, args.proxy_user))
+            break
+        for registry in names.registry[1:]:
+            out.write(
+                f"\n# /etc/containerd/certs.d/{registry}/hosts.toml:\n"
+                f'server = "https://{registry}"\n\n[host."https://{registry}"]\n'
+                '  capabilities = ["pull", "resolve", "push"]\n'
+            )
+    return 0
+
+
+def _resolve(args: argparse.Namespace, out: TextIO) -> int:
+    import json
+
+    from acrrelay.reach import covering, exact_cidrs, resolve_config, system_lookup
+
+    overlay = Overlay(listen=tuple(args.listen), route=tuple(args.route), acr=tuple(args.acr))
+    config = load_config(args.config, overlay)
+    resolutions = resolve_config(config, lookup=None if args.no_dns else system_lookup)
+    exact, cover = exact_cidrs(resolutions), covering(resolutions)
+    failed = [r for r in resolutions if r.source == "error"]
+    if args.json:
+        document = {
+            "names": [
+                {
+                    "name": r.name,
+                    "source": r.source,
+                    "addresses": list(r.addresses),
+                    "error": r.error,
+                    "backend": r.backend,
+                }
+                for r in resolutions
+            ],
+            "exact_cidrs": [str(n) for n in exact],
+            "covering_cidrs": [str(n) for n in cover],
+        }
+        out.write(json.dumps(document, indent=2) + "\n")
+        return 1 if failed else 0
+    width = max(len(r.name) for r in resolutions)
+    out.write(f"{'NAME':<{width}}  SOURCE    ADDRESSES\n")
+    for r in resolutions:
+        if r.source == "wildcard":
+            detail = "a pattern: add its concrete names to [resolver.hosts] or routes"
+        elif r.error is not None:
+            detail = f"does not resolve: {r.error}"
+        else:
+            detail = " ".join(r.addresses)
+        if r.backend is not None:
+            detail = f"{detail} (explicit backend {r.backend})".lstrip()
+        out.write(f"{r.name:<{width}}  {r.source:<8}  {detail}\n")
+    out.write("\n")
+    if exact:
+        out.write("routes that cover exactly these addresses:\n")
+        out.write("".join(f"  {network}\n" for network in exact))
+        out.write("one covering route per address family:\n")
+        out.write("".join(f"  {network}\n" for network in cover))
+    else:
+        out.write("no address resolved\n")
+    if failed:
+        out.write(f"\n{len(failed)} name(s) did not resolve\n")
+    return 1 if failed else 0
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="acrrelay",
@@ -143,6 +253,69 @@ def _parser() -> argparse.ArgumentParser:
         "--password-stdin", action="store_true", help="read the password from standard input"
     )
     passwd.set_defaults(run=_passwd)
+
+    hosts = commands.add_parser(
+        "hosts",
+        help="print the hosts lines (or proxy settings) a client needs",
+        description="Print what a client needs to use the relay for one region: hosts-file "
+        "lines pointing the registry, its token service and OSS at the relay, or, with "
+        "--format dockerd/containerd, the settings for HTTPS_PROXY mode.",
+    )
+    hosts.add_argument(
+        "--relay",
+        required=True,
+        metavar="ADDRESS[:PORT]",
+        help="the relay's address (proxy formats: port 3128 unless given)",
+    )
+    hosts.add_argument("--acr", required=True, metavar="REGION", help="e.g. cn-beijing")
+    hosts.add_argument(
+        "--network",
+        choices=("vpc", "public"),
+        default="vpc",
+        help="the -vpc/-internal names (default) or the public ones",
+    )
+    hosts.add_argument(
+        "--instance",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="an Enterprise instance name (repeatable)",
+    )
+    hosts.add_argument(
+        "--personal",
+        action="append",
+        default=[],
+        metavar="ID",
+        help="a new Personal instance id, the part after crpi- (repeatable)",
+    )
+    hosts.add_argument(
+        "--bucket",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="an OSS bucket name, from a blob redirect (repeatable)",
+    )
+    hosts.add_argument("--format", choices=("hosts", "dockerd", "containerd"), default="hosts")
+    hosts.add_argument("--proxy-user", metavar="USER", help="for proxy formats with connect_users")
+    hosts.set_defaults(run=_hosts)
+
+    resolve = commands.add_parser(
+        "resolve",
+        help="resolve the configured names from the relay's side and print routes for CEN/VPN",
+        description="Resolve every concrete configured name the way a resolve route would "
+        "([resolver.hosts] first, then the system resolver); print the addresses, the CIDRs "
+        "that cover exactly them, and one covering CIDR per family. Exits 1 if a name does "
+        "not resolve.",
+    )
+    resolve.add_argument("--config", metavar="FILE", help="TOML configuration file")
+    resolve.add_argument("--listen", action="append", default=[], metavar="ENDPOINT")
+    resolve.add_argument("--route", action="append", default=[], metavar="NAME=BACKEND")
+    resolve.add_argument("--acr", action="append", default=[], metavar="REGION")
+    resolve.add_argument("--json", action="store_true", help="print JSON")
+    resolve.add_argument(
+        "--no-dns", action="store_true", help="use [resolver.hosts] only; send no DNS query"
+    )
+    resolve.set_defaults(run=_resolve)
     return parser
 
 
@@ -154,6 +327,10 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
     except ConfigError as e:
         print(f"acrrelay: {e}", file=sys.stderr)
         return 1
+    except BrokenPipeError:
+        # The reader went away (| head): not an error of ours; say nothing more.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
     return status
 
 
