@@ -224,6 +224,36 @@ def _resolve(args: argparse.Namespace, out: TextIO) -> int:
     return 1 if failed else 0
 
 
+def _doctor(args: argparse.Namespace, out: TextIO) -> int:
+    from acrrelay.doctor import Options, main_doctor
+
+    def address(flag: str, text: str | None, default_port: int) -> tuple[str, int] | None:
+        if text is None:
+            return None
+        try:
+            return _split_relay(text, default_port)
+        except ValueError:
+            raise ConfigError("doctor", f"{flag} {text}", "expected HOST[:PORT]") from None
+
+    password = None
+    if args.password_stdin:
+        if args.username is None:
+            raise ConfigError("doctor", "--password-stdin", "needs --username")
+        password = sys.stdin.readline().rstrip("\r\n")
+    options = Options(
+        registry=args.registry.lower().rstrip("."),
+        via=address("--via", args.via, 443),
+        via_http=address("--via-http", args.via_http, 80),
+        username=args.username,
+        password=password,
+        image=args.image,
+        chart=args.chart,
+        ca_file=args.ca_file,
+        timeout=args.timeout,
+    )
+    return main_doctor(options, out, as_json=args.json)
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="acrrelay",
@@ -316,6 +346,42 @@ def _parser() -> argparse.ArgumentParser:
         "--no-dns", action="store_true", help="use [resolver.hosts] only; send no DNS query"
     )
     resolve.set_defaults(run=_resolve)
+
+    doctor = commands.add_parser(
+        "doctor",
+        help="check a registry's three services hop by hop, through the relay or direct",
+        description="Walk the path a pull takes: TLS to the registry, the 401 Bearer "
+        "challenge, the token service, (with --image) the manifest, the blob redirect and "
+        "OSS, and the OSS endpoint; print a table with a hint for each failure. Exits 1 "
+        "if a hop fails.",
+    )
+    doctor.add_argument(
+        "registry", metavar="REGISTRY_HOST", help="e.g. registry-vpc.cn-beijing.aliyuncs.com"
+    )
+    doctor.add_argument(
+        "--via",
+        metavar="HOST[:PORT]",
+        help="connect through the relay at HOST (port 443 unless given)",
+    )
+    doctor.add_argument(
+        "--via-http",
+        metavar="HOST[:PORT]",
+        help="where plain-HTTP redirects go (default: the --via host, port 80)",
+    )
+    doctor.add_argument("--username", metavar="USER")
+    doctor.add_argument(
+        "--password-stdin", action="store_true", help="read the password from standard input"
+    )
+    doctor.add_argument(
+        "--image", metavar="NS/NAME[:TAG]", help="also fetch this image's manifest and first layer"
+    )
+    doctor.add_argument(
+        "--chart", metavar="NS/REPO", help="also check an Enterprise chart repository's API"
+    )
+    doctor.add_argument("--ca-file", metavar="PEM", help="trust this CA (default: the system's)")
+    doctor.add_argument("--timeout", type=float, default=15.0, metavar="SECONDS")
+    doctor.add_argument("--json", action="store_true", help="print JSON")
+    doctor.set_defaults(run=_doctor)
     return parser
 
 
