@@ -1,0 +1,7 @@
+"""Coverage-guided fuzzing (atheris) of the parsers that read bytes from the network.
+
+python -m fuzz run                   # 10^6 inputs per parser (the documented run)
+python -m fuzz run --seconds 20      # a short run, as the test suite does
+python -m fuzz run --parser httphead --runs 5000000
+python -m fuzz seed                  # rebuild the seed corpus from real clients
+"""
