@@ -10,8 +10,11 @@ bytes both ways:
   from reading and nothing piles up in memory;
 - **half-close**: a FIN from one side becomes ``loseWriteConnection()`` on the
   other; the pair closes when both directions are done;
-- **resets stay resets**: when one side is lost abnormally, the other is aborted,
-  so a client never mistakes a cut transfer for a complete one;
+- **resets stay resets, after the bytes already read**: when one side is lost
+  abnormally, what it sent before is still delivered to the other side (Twisted's
+  buffer written and the kernel's queue acknowledged, for at most
+  :data:`RESET_FLUSH_SECONDS`), and only then is the other side reset, so a client
+  never mistakes a cut transfer for a complete one, nor loses its last bytes;
 - an **activity-based idle timeout**: bytes in either direction reset it; there
   is no absolute lifetime.
 
@@ -21,6 +24,11 @@ driven by real transports or by ``StringTransport`` in tests.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import socket
+import struct
+import termios
 from collections.abc import Callable
 from typing import Final
 
@@ -39,6 +47,10 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 __all__ = ["BackendProtocol", "IdleTimer", "Pump", "PumpResult", "Valve"]
+
+#: How long a reset waits for the bytes read before it to reach the other side.
+RESET_FLUSH_SECONDS: Final = 0.5
+FLUSH_POLL_SECONDS: Final = 0.005
 
 CLIENT: Final = "client"
 BACKEND: Final = "backend"
@@ -77,7 +89,11 @@ class Valve:
         self._transport.resumeProducing()  # type: ignore[attr-defined]
 
     def stopProducing(self) -> None:
-        self._transport.stopProducing()  # type: ignore[attr-defined]
+        # Twisted calls this when the opposite transport is lost. The pump decides how
+        # this side ends (a FIN, or a reset after its bytes are out); here it only stops
+        # reading. Passing it on would close this side gracefully at once, turning a
+        # reset into a clean end and dropping what was still to be written.
+        self._transport.pauseProducing()  # type: ignore[attr-defined]
 
 
 class IdleTimer:
@@ -225,7 +241,7 @@ class Pump:
             self._reason = "client_closed" if reason.check(ConnectionDone) else "client_reset"
             self._mark_first(CLIENT)
             if self.backend is not None and not self._backend_lost:
-                self.backend.abortConnection()  # type: ignore[attr-defined]
+                self._pass_on(reason, self.backend)
         self._maybe_finish()
 
     def backend_lost(self, reason: Failure) -> None:
@@ -234,7 +250,7 @@ class Pump:
             self._reason = "backend_closed" if reason.check(ConnectionDone) else "backend_reset"
             self._mark_first(BACKEND)
             if not self._client_lost:
-                self.client.abortConnection()  # type: ignore[attr-defined]
+                self._pass_on(reason, self.client)
         self._maybe_finish()
 
     def abort(self, reason: str) -> None:
@@ -265,6 +281,33 @@ class Pump:
         )
 
     # -- internals
+
+    def _pass_on(self, reason: Failure, transport: ITransport) -> None:
+        """End ``transport`` as its opposite ended: a clean close as a FIN, a reset as a reset,
+        either way after the bytes already read."""
+        if reason.check(ConnectionDone):
+            transport.unregisterProducer()  # type: ignore[attr-defined]
+            transport.loseConnection()
+        else:
+            self._reset_after_flush(transport)
+
+    def _reset_after_flush(self, transport: ITransport) -> None:
+        """Deliver what was already read to ``transport``'s peer, then reset it."""
+        # The side that was lost produces nothing more; this side's input has nowhere to go.
+        transport.unregisterProducer()  # type: ignore[attr-defined]
+        transport.pauseProducing()  # type: ignore[attr-defined]
+        deadline = self._clock.seconds() + RESET_FLUSH_SECONDS
+
+        def step() -> None:
+            if not getattr(transport, "connected", False):
+                return
+            if _unsent(transport) and self._clock.seconds() < deadline:
+                self._clock.callLater(FLUSH_POLL_SECONDS, step)
+                return
+            _linger_zero(transport)
+            transport.abortConnection()  # type: ignore[attr-defined]
+
+        step()
 
     def _activity(self) -> int:
         return self.bytes_up + self.bytes_down
@@ -309,6 +352,27 @@ class Pump:
                 paused_down=self._down.paused_seconds() if self._down else 0.0,
             )
         )
+
+
+def _unsent(transport: ITransport) -> int:
+    """Bytes written to ``transport`` that its peer has not acknowledged yet."""
+    pending = len(getattr(transport, "dataBuffer", b"")) - getattr(transport, "offset", 0)
+    pending += getattr(transport, "_tempDataLen", 0)
+    if pending:
+        return pending
+    handle = transport.getHandle() if hasattr(transport, "getHandle") else None
+    try:
+        buf = fcntl.ioctl(handle.fileno(), termios.TIOCOUTQ, b"\0\0\0\0")  # type: ignore[union-attr]
+    except (AttributeError, OSError, ValueError):
+        return 0
+    return int(struct.unpack("i", buf)[0])
+
+
+def _linger_zero(transport: ITransport) -> None:
+    """Make the coming close send a RST, as the other side did, rather than a FIN."""
+    handle = transport.getHandle() if hasattr(transport, "getHandle") else None
+    with contextlib.suppress(AttributeError, OSError):
+        handle.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # type: ignore[union-attr]
 
 
 def _tune(transport: ITransport, buffer_size: int) -> None:

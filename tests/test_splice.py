@@ -212,3 +212,65 @@ def test_pump_alone_reports_its_result() -> None:
         )
     ]
     assert clock.getDelayedCalls() == []
+
+
+class Buffering(PipeEnd):
+    """A transport whose writes sit in a buffer until the test says they went out."""
+
+    connected = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._tempDataLen = 0
+
+    def write(self, data: bytes) -> None:
+        super().write(data)
+        self._tempDataLen += len(data)
+
+
+def test_a_reset_is_passed_on_after_the_bytes_already_read() -> None:
+    """When the backend resets, the client first gets what the relay had read, then the reset."""
+    clock = Clock()
+    results: list[PumpResult] = []
+    client, backend = Buffering(), PipeEnd()
+    client.pauseProducing()
+    pump = Pump(clock, client, idle_timeout=60, buffer_size=16384, on_done=results.append)
+    pump.start(backend, b"hello")
+    pump.backend_data(b"last bytes before the reset")
+    pump.backend_lost(Failure(ConnectionLost()))
+    assert not client.disconnected  # still writing out what it has
+    assert client.producer is None  # the dead backend no longer feeds it
+    clock.advance(0.1)
+    assert not client.disconnected
+    client._tempDataLen = 0  # the kernel took it all, and the peer acknowledged it
+    clock.advance(0.01)
+    assert client.disconnected
+    assert client.value().endswith(b"last bytes before the reset")
+
+
+def test_a_stalled_reader_is_reset_after_the_flush_limit() -> None:
+    """A client that never reads does not hold a reset back for more than the limit."""
+    from acrrelay.splice import RESET_FLUSH_SECONDS
+
+    clock = Clock()
+    client, backend = Buffering(), PipeEnd()
+    client.pauseProducing()
+    pump = Pump(clock, client, idle_timeout=60, buffer_size=16384, on_done=lambda r: None)
+    pump.start(backend, b"")
+    pump.backend_data(b"x" * 1000)
+    pump.backend_lost(Failure(ConnectionLost()))
+    clock.advance(RESET_FLUSH_SECONDS - 0.05)
+    assert not client.disconnected
+    clock.pump([0.01] * 10)
+    assert client.disconnected
+
+
+def test_losing_one_side_never_closes_the_other_gracefully_behind_the_pumps_back() -> None:
+    """Twisted stops a lost transport's producer; that only pauses the other side, so the
+    pump, not a stray FIN, decides how it ends."""
+    _, _, client, backend_protocol, backend = spliced()
+    backend.producer.stopProducing()  # what Twisted does as the backend transport dies
+    assert client.producerState == "paused"
+    assert not client.disconnecting
+    backend_protocol.connectionLost(Failure(ConnectionLost()))
+    assert client.disconnected  # the reset, passed on as a reset
