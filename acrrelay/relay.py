@@ -102,6 +102,8 @@ class Relay:
         self.max_connections = 1 << 30
         self._ports: list[Any] = []
         self.accepting = True
+        #: Set by a drain: accepting never resumes, whatever the limit says.
+        self.draining = False
         self._ids = itertools.count(1)
         self.access_log: AccessLog | None = None
         self._access_observer = access_observer
@@ -204,7 +206,7 @@ class Relay:
 
     def closed(self, connection: RelayProtocol) -> None:
         self.connections.pop(connection.id, None)
-        if not self.accepting and not self.at_limit():
+        if not self.accepting and not self.draining and not self.at_limit():
             self.accepting = True
             for port in self._ports:
                 if hasattr(port, "startReading"):

@@ -22,6 +22,7 @@ import resource
 from collections.abc import Callable, Iterable
 from typing import Any, Final
 
+import attrs
 import psutil
 from twisted.application.service import MultiService
 from twisted.internet import defer, error
@@ -189,6 +190,13 @@ class RelayService(MultiService):
         self._listening = listening
         self.config = config
         self._apply_limits()
+        for _, (port, factory) in added:
+            self._log.info(
+                "listening on {address} ({listener}) with {routes} routes",
+                address=describe(port.getHost()),
+                listener=factory.listener.name,
+                routes=len(config.routes),
+            )
         if self.relay.access_log is not None and self.relay.access_log.is_open:
             self.relay.access_log.reopen()  # after logrotate moved it away
         self._refresh_admin_keys()
@@ -207,15 +215,27 @@ class RelayService(MultiService):
     def start_shutdown(self, seconds: float | None = None) -> float:
         """Drain for ``seconds`` (default: drain_timeout), then stop the reactor."""
         deadline = self.config.drain_timeout if seconds is None else seconds
-        self._drain_deadline = deadline
-        self.reactor.callLater(0, self.reactor.stop)
-        return deadline
+        if self._drain_deadline is None:
+            self._drain_deadline = deadline
+            self.reactor.callLater(0, self.reactor.stop)
+        return self._drain_deadline
+
+    def cut_now(self) -> None:
+        """Cut every connection at once, each logged (a second stop signal while draining)."""
+        for connection in list(self.relay.connections.values()):
+            self._log.warn(
+                "cutting {id} {client} -> {target} now ({up} up, {down} down, {state})",
+                **_connection_fields(connection),
+            )
+            connection.kill("drained")
 
     def drain(self, deadline: float) -> defer.Deferred[None]:
         """Stop accepting; wait up to ``deadline`` seconds for connections to finish, logging
         what remains; then cut the rest and log each. Fires when none is left."""
         self.draining = True
+        self.relay.draining = True
         self.relay.accepting = False
+        self.relay.watch_ports([])
         ports, self._listening = self.ports, {}
         for port in ports:
             port.stopListening()
@@ -371,8 +391,9 @@ def _connection_fields(connection: Any) -> dict[str, Any]:
 
 def describe_changes(old: RelayConfig, new: RelayConfig) -> str:
     """A one-line summary of what a reload changes."""
-    old_routes = {route.name: route for route in old.routes}
-    new_routes = {route.name: route for route in new.routes}
+    # A route's origin names its position in the file; moving it changes nothing.
+    old_routes = {route.name: attrs.evolve(route, origin="") for route in old.routes}
+    new_routes = {route.name: attrs.evolve(route, origin="") for route in new.routes}
     added = [name for name in new_routes if name not in old_routes]
     removed = [name for name in old_routes if name not in new_routes]
     changed = [

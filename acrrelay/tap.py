@@ -77,10 +77,24 @@ class _ExitingRelayService(RelayService):
         except ListenError as e:
             raise SystemExit(f"acrrelay: {e}") from None
         signal.signal(signal.SIGHUP, self._on_sighup)
+        # After the reactor installs its own handlers: ours drain and exit 0, where the
+        # reactor's would end the process by the signal once it stops.
+        self.reactor.callWhenRunning(self._install_stop_handlers)
+
+    def _install_stop_handlers(self) -> None:
+        signal.signal(signal.SIGTERM, self._on_stop_signal)
+        signal.signal(signal.SIGINT, self._on_stop_signal)
 
     def _on_sighup(self, signum: int, frame: object) -> None:
         # Not here, in the middle of whatever the signal interrupted: in the reactor.
         self.reactor.callFromThread(self.reload)
+
+    def _on_stop_signal(self, signum: int, frame: object) -> None:
+        if self.draining:
+            # A second stop signal while draining: cut what is left now.
+            self.reactor.callFromThread(self.cut_now)
+        else:
+            self.reactor.callFromThread(self.start_shutdown)
 
     def stopService(self):  # type: ignore[no-untyped-def]
         signal.signal(signal.SIGHUP, signal.SIG_IGN)  # a late reload must not race the drain

@@ -11,7 +11,21 @@ from typing import Any
 
 import pytest
 
-from tests.e2e_support import FRONTDOOR_NAMES, NAMES, BackendServer, HAProxy, Relay, TestCA
+from tests.e2e_support import (
+    FRONTDOOR_NAMES,
+    NAMES,
+    AdminKeys,
+    BackendServer,
+    HAProxy,
+    Relay,
+    TestCA,
+)
+from tests.registry_world import (
+    LocalImage,
+    RegistryWorld,
+    build_oci_image,
+    layer_bytes_from_env,
+)
 
 
 @pytest.fixture(scope="session")
@@ -90,8 +104,35 @@ def relay(backend: BackendServer, start_relay: Callable[..., Relay]) -> Relay:
 
 
 @pytest.fixture
+def admin_keys(tmp_path: Path) -> AdminKeys:
+    """A good (authorized) and a bad SSH key for the admin shell, and an ssh client to use them."""
+    return AdminKeys(tmp_path / "ssh-keys")
+
+
+@pytest.fixture
 def home(tmp_path: Path) -> Path:
     """HOME for client commands (curl, openssl): empty, per test."""
     path = tmp_path / "home"
     path.mkdir()
     return path
+
+
+# ---------------------------------------------------------------- the real-registry world
+
+
+@pytest.fixture(scope="session")
+def registry_world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RegistryWorld]:
+    """docker-registry, token service and S3 on ACR's names, a client network namespace
+    and a relay between them, for the whole session (see ``tests/registry_world.py``)."""
+    world = RegistryWorld(tmp_path_factory.mktemp("registry-world"))
+    try:
+        yield world
+    finally:
+        world.close()
+
+
+@pytest.fixture(scope="session")
+def registry_image(tmp_path_factory: pytest.TempPathFactory) -> LocalImage:
+    """An OCI image on disk whose gzip'd layer holds ``$ACRRELAY_E2E_LAYER_MB`` MiB
+    (default 200) of random data."""
+    return build_oci_image(tmp_path_factory.mktemp("oci-image"), layer_bytes_from_env())

@@ -3,7 +3,9 @@
 - :class:`TestCA`: a root CA and one leaf certificate per name (SAN = DNS name), on disk.
 - :class:`BackendServer`: ``tests/tls_backend.py`` as its own process, one TLS port per name.
 - :class:`Relay`: ``twist acrrelay --config <tmp>.toml`` as its own process, port 0; any
-  number of listeners, any route keys, static resolver hosts and a file-descriptor limit.
+  number of listeners, any route keys, static resolver hosts, a file-descriptor limit and
+  the admin listeners; its config can be rewritten and reloaded (SIGHUP).
+- :class:`AdminKeys`: throw-away SSH keys and OpenSSH's client, without any user config.
 - :class:`BioTLS`: a TLS client driven through memory BIOs over a blocking socket, so a
   test controls the raw bytes (first flight byte by byte, re-framed, a TCP-only FIN).
 - :func:`rss_bytes`: a process's resident set size from ``/proc``.
@@ -21,6 +23,7 @@ import json
 import os
 import queue
 import re
+import signal
 import socket
 import ssl
 import subprocess
@@ -60,10 +63,16 @@ FRONTDOOR_NAMES = (REGISTRY, DOCKERAUTH, WILD_NAME, OPEN_LOOPBACK, PROXIED_V1, P
 MiB = 1 << 20
 STARTUP_TIMEOUT = 10.0
 LISTENING = re.compile(r"listening on 127\.0\.0\.1:(\d+) \(")
-LISTENING_NAMED = re.compile(r"listening on 127\.0\.0\.1:(\d+) \((.*?)\) with ")
+#: Any IPv4 address: a listener may be on a network namespace's veth (registry_world.py).
+LISTENING_NAMED = re.compile(r"listening on (?:\d{1,3}(?:\.\d{1,3}){3}):(\d+) \((.*?)\) with ")
 #: What the backend prints for each accepted connection and each request head it reads.
 BACKEND_ACCEPT = re.compile(r"^ACCEPT (\S+)$")
 BACKEND_REQUEST = re.compile(r"^REQUEST (\S+) (tls|plain) (\S*) (\S*) (.*)$")
+#: The relay's start-up lines for its admin listeners, and its reload outcomes.
+ADMIN_SHELL = re.compile(r"admin shell on 127\.0\.0\.1:(\d+): ")
+METRICS_PAGE = re.compile(r"metrics on http://127\.0\.0\.1:(\d+)/metrics")
+RELOAD_OUTCOME = re.compile(r"\] ((?:reloaded |reload rejected).*)$")
+SSH = "/usr/bin/ssh"
 
 
 def clean_env(home: Path) -> dict[str, str]:
@@ -312,9 +321,12 @@ class Relay:
     or overrides ``[relay]`` settings (strings such as ``"1s"`` or ``"64KiB"``, or
     integers). ``listeners`` replaces the one default listener by ``[[listen]]`` tables
     (each with a ``name``, on 127.0.0.1 port 0); ``hosts`` is ``[resolver.hosts]``;
-    ``nofile`` runs the relay under that file-descriptor limit (soft and hard).
+    ``nofile`` runs the relay under that file-descriptor limit (soft and hard);
+    ``admin`` is the ``[admin]`` table (see :meth:`AdminKeys.admin`).
     It is running once constructed (``port`` of the first listener, ``ports`` by
-    listener name, ``access_log_path``, ``pid``); ``stop()`` or ``with`` ends it.
+    listener name, ``ssh_port`` and ``metrics_port`` if configured, ``access_log_path``,
+    ``pid``); ``stop()`` or ``with`` ends it. :meth:`write_config` then :meth:`reload`
+    changes its configuration.
     """
 
     def __init__(
@@ -325,32 +337,14 @@ class Relay:
         listeners: Sequence[Mapping[str, Any]] = (DEFAULT_LISTENER,),
         hosts: Mapping[str, str | Sequence[str]] | None = None,
         nofile: int | None = None,
+        admin: Mapping[str, str] | None = None,
         **relay: str | int,
     ) -> None:
         directory.mkdir(parents=True, exist_ok=True)
         self.directory = directory
         self.access_log_path = directory / "access.log"
-        settings = {
-            "peek_timeout": "5s",
-            "connect_timeout": "5s",
-            "idle_timeout": "60s",
-            **relay,
-            "access_log": str(self.access_log_path),
-        }
-        lines = ["[relay]"]
-        lines += [f"{key} = {_toml_value(value)}" for key, value in settings.items()]
-        for listener in listeners:
-            lines += ["", "[[listen]]"]
-            lines += [f"{key} = {_toml_value(value)}" for key, value in listener.items()]
-        for name, route in routes.items():
-            keys = {"backend": route} if isinstance(route, str) else dict(route)
-            lines += ["", "[[route]]", f"name = {_toml_string(name)}"]
-            lines += [f"{key} = {_toml_value(value)}" for key, value in keys.items()]
-        if hosts:
-            lines += ["", "[resolver.hosts]"]
-            lines += [f"{_toml_string(name)} = {_toml_value(a)}" for name, a in hosts.items()]
         self.config_path = directory / "acrrelay.toml"
-        self.config_path.write_text("\n".join(lines) + "\n")
+        self.write_config(routes, listeners=listeners, hosts=hosts, admin=admin, **relay)
         command = [
             str(VENV_BIN / "twist"),
             "--log-format=text",
@@ -372,6 +366,9 @@ class Relay:
         )
         self.output = _Output(self.proc)
         self.ports: dict[str, int] = {}
+        #: The admin shell's and the metrics page's ports, if ``admin`` configures them.
+        self.ssh_port: int | None = None
+        self.metrics_port: int | None = None
         try:
             for _ in listeners:
                 m = self.output.wait_for(LISTENING_NAMED, STARTUP_TIMEOUT)
@@ -380,6 +377,62 @@ class Relay:
             self.stop()
             raise
         self.port = self.ports[str(listeners[0].get("name", listeners[0]["endpoint"]))]
+        # The admin listeners are bound (and logged) before the relay's own.
+        for line in list(self.output.lines):
+            if m := ADMIN_SHELL.search(line):
+                self.ssh_port = int(m.group(1))
+            elif m := METRICS_PAGE.search(line):
+                self.metrics_port = int(m.group(1))
+
+    def write_config(
+        self,
+        routes: Mapping[str, str | Mapping[str, Any]],
+        *,
+        listeners: Sequence[Mapping[str, Any]] = (DEFAULT_LISTENER,),
+        hosts: Mapping[str, str | Sequence[str]] | None = None,
+        admin: Mapping[str, str] | None = None,
+        **relay: str | int,
+    ) -> None:
+        """(Re)write the configuration file from these arguments (the constructor's);
+        a running relay reads it again on :meth:`reload`."""
+        settings = {
+            "peek_timeout": "5s",
+            "connect_timeout": "5s",
+            "idle_timeout": "60s",
+            **relay,
+            "access_log": str(self.access_log_path),
+        }
+        lines = ["[relay]"]
+        lines += [f"{key} = {_toml_value(value)}" for key, value in settings.items()]
+        for listener in listeners:
+            lines += ["", "[[listen]]"]
+            lines += [f"{key} = {_toml_value(value)}" for key, value in listener.items()]
+        for name, route in routes.items():
+            keys = {"backend": route} if isinstance(route, str) else dict(route)
+            lines += ["", "[[route]]", f"name = {_toml_string(name)}"]
+            lines += [f"{key} = {_toml_value(value)}" for key, value in keys.items()]
+        if hosts:
+            lines += ["", "[resolver.hosts]"]
+            lines += [f"{_toml_string(name)} = {_toml_value(a)}" for name, a in hosts.items()]
+        if admin:
+            lines += ["", "[admin]"]
+            lines += [f"{key} = {_toml_value(value)}" for key, value in admin.items()]
+        self.config_path.write_text("\n".join(lines) + "\n")
+
+    def reload(self, timeout: float = 10.0) -> str:
+        """SIGHUP, then the relay's log line saying how the reload went ("reloaded ..." or
+        "reload rejected ...")."""
+        self.proc.send_signal(signal.SIGHUP)
+        return self.output.wait_for(RELOAD_OUTCOME, timeout).group(1)
+
+    def wait_exit(self, timeout: float) -> int:
+        """The exit status, once the process ended (fails after ``timeout`` seconds)."""
+        try:
+            return self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(
+                f"the relay did not exit within {timeout}s; output:\n{self.output.text()}"
+            ) from None
 
     def __enter__(self) -> Relay:
         return self
@@ -593,6 +646,85 @@ def run(
     )
 
 
+# ---------------------------------------------------------------- the SSH admin shell
+
+
+class AdminKeys:
+    """Throw-away SSH keys for the admin shell, made by ``ssh-keygen`` in ``directory``.
+
+    ``good`` is listed in ``authorized_keys``, ``bad`` is not. :meth:`ssh` runs OpenSSH's
+    client with no user configuration, no agent, an empty HOME and ``known_hosts`` of its own.
+    """
+
+    def __init__(self, directory: Path) -> None:
+        directory.mkdir(parents=True, exist_ok=True)
+        self.directory = directory
+        self.home = directory / "home"
+        self.home.mkdir(exist_ok=True)
+        self.good = directory / "id_good"
+        self.bad = directory / "id_bad"
+        for path in (self.good, self.bad):
+            made = run(
+                ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", path.name, "-f", str(path)],
+                self.home,
+            )
+            assert made.returncode == 0, made.stderr
+        self.authorized_keys = directory / "authorized_keys"
+        self.authorized_keys.write_text(Path(f"{self.good}.pub").read_text())
+        self.known_hosts = directory / "known_hosts"
+
+    def admin(self, host_key: Path, *, metrics: bool = True) -> dict[str, str]:
+        """An ``[admin]`` table: the SSH shell (and the metrics page) on 127.0.0.1, port 0."""
+        table = {
+            "ssh": "tcp:0",
+            "authorized_keys": str(self.authorized_keys),
+            "host_key": str(host_key),
+        }
+        if metrics:
+            table["metrics"] = "tcp:0"
+        return table
+
+    def ssh_args(
+        self, port: int, *, identity: Path | None = None, known_hosts: Path | None = None
+    ) -> list[str]:
+        """``ssh`` with every option that keeps the user's own configuration out."""
+        return [
+            SSH,
+            "-F",
+            "/dev/null",
+            "-o",
+            f"UserKnownHostsFile={known_hosts or self.known_hosts}",
+            "-o",
+            "GlobalKnownHostsFile=/dev/null",
+            "-o",
+            "StrictHostKeyChecking=no",
+            "-o",
+            "IdentitiesOnly=yes",
+            "-o",
+            "BatchMode=yes",
+            "-o",
+            "ConnectTimeout=5",
+            "-i",
+            str(identity or self.good),
+            "-p",
+            str(port),
+        ]
+
+    def ssh(
+        self,
+        port: int,
+        *remote: str,
+        identity: Path | None = None,
+        known_hosts: Path | None = None,
+        options: Sequence[str] = (),
+        user: str = "admin",
+        timeout: float = 20.0,
+    ) -> subprocess.CompletedProcess[str]:
+        """``ssh [options] user@127.0.0.1 REMOTE...`` (the good key unless told), finished."""
+        args = self.ssh_args(port, identity=identity, known_hosts=known_hosts)
+        return run([*args, *options, f"{user}@127.0.0.1", *remote], self.home, timeout=timeout)
+
+
 # ---------------------------------------------------------------- raw front-door clients
 
 
@@ -742,6 +874,7 @@ __all__ = [
     "PROXIED_V2",
     "REGISTRY",
     "WILD_NAME",
+    "AdminKeys",
     "BackendServer",
     "BioTLS",
     "HAProxy",
@@ -749,14 +882,17 @@ __all__ = [
     "NoEOF",
     "Relay",
     "TestCA",
+    "clean_env",
     "free_port",
     "hello_with_sni",
     "http_get",
+    "listening_ports",
     "read_all",
     "read_response",
     "recv_to_eof",
     "rss_bytes",
     "run",
     "split_http",
+    "stop_process",
     "wait_listening",
 ]

@@ -118,6 +118,12 @@ def _session_class(namespace: dict[str, Any]) -> type[manhole_ssh.TerminalSessio
             reason = ProcessDone(None) if status == 0 else ProcessTerminated(exitCode=status)
             proto.processEnded(Failure(reason))
 
+        def openShell(self, proto: Any) -> None:
+            # conch closes an interactive session without an exit status, which ssh(1)
+            # reports as 255, a failure; a logout with Ctrl-D is a clean exit.
+            proto.loseConnection = lambda: proto.processEnded(Failure(ProcessDone(None)))
+            super().openShell(proto)
+
         def windowChanged(self, newWindowSize: Any) -> None:
             pass  # the manhole redraws on its own
 
