@@ -185,8 +185,13 @@ class Doctor:
         host = parts.hostname or ""
         port = parts.port or (443 if parts.scheme == "https" else 80)
         sock = self._open(host, port, parts.scheme)
-        conn = http.client.HTTPConnection(host, port, timeout=self.options.timeout)
-        conn.sock = sock  # already connected (and TLS-wrapped) to the relay
+        # The class sets the default port, so Host carries no ":443" (or ":80"): presigned
+        # OSS URLs sign the Host header, and S3-style servers read "name:443" as a bucket.
+        kind = (
+            http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
+        )
+        conn = kind(host, port, timeout=self.options.timeout)
+        conn.sock = sock  # already connected (and TLS-wrapped) through the relay
         path = parts.path or "/"
         if parts.query:
             path += "?" + parts.query

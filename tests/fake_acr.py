@@ -47,8 +47,13 @@ class _Handler(BaseHTTPRequestHandler):
         self.wfile.write(body)
 
     def do_GET(self) -> None:
-        host = (self.headers.get("Host") or "").split(":")[0]
+        raw_host = self.headers.get("Host") or ""
+        host = raw_host.split(":")[0]
         self.server.seen.append((host, self.path))
+        if raw_host != host:
+            # Like S3: "name:443" is not the signed host (nor, to path-style S3, a host at all).
+            self._send(400, b"<Error><Code>InvalidHost</Code></Error>")
+            return
         if host == REGISTRY:
             self._registry()
         elif host == AUTH:
