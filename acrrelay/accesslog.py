@@ -45,6 +45,7 @@ FIELDS: Final = (
     "total_ms",
     "paused_up_ms",
     "paused_down_ms",
+    "zero_copy",
     "close_reason",
     "closed_first",
     "detail",

@@ -224,6 +224,8 @@ class RelayConfig:
     max_connections_per_client: int = 0
     #: On SIGTERM or drain: how long in-flight connections may go on before they are cut.
     drain_timeout: float = 30.0
+    #: Move bulk transfers with splice(2) (Linux), never through Python.
+    zero_copy: bool = True
     admin: AdminConfig = attrs.field(factory=lambda: AdminConfig())
 
     def route_table(self) -> RouteTable:
@@ -253,6 +255,7 @@ _RELAY_KEYS: Final = (
     "max_connections",
     "max_connections_per_client",
     "drain_timeout",
+    "zero_copy",
 )
 _ADMIN_KEYS: Final = ("ssh", "ssh_user", "authorized_keys", "host_key", "metrics")
 _LISTEN_KEYS: Final = (
@@ -326,6 +329,12 @@ def _string(value: object) -> str:
 def _port(value: object) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 65535:
         raise ValueError(f"expected a port number from 1 to 65535, got {_show(value)}")
+    return value
+
+
+def _boolean(value: object) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"expected true or false, got {_show(value)}")
     return value
 
 
@@ -557,6 +566,7 @@ def _build(source: str, document: dict[str, Any], overlay: Overlay) -> RelayConf
         "max_connections": relay.get("max_connections", _count, 0),
         "max_connections_per_client": relay.get("max_connections_per_client", _count, 0),
         "drain_timeout": relay.get("drain_timeout", parse_duration, 30.0),
+        "zero_copy": relay.get("zero_copy", _boolean, True),
     }
     relay.finish(_RELAY_KEYS)
     if overlay.access_log is not None:

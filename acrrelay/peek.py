@@ -465,6 +465,7 @@ class RelayProtocol(Protocol):
             idle_timeout=settings.idle_timeout,
             buffer_size=settings.buffer_size,
             on_done=self._spliced,
+            zero_copy=settings.zero_copy,
         )
         protocol.pump = self.pump
         if self.route is not None and self.route.proxy_protocol is not None:
@@ -536,6 +537,7 @@ class RelayProtocol(Protocol):
             bytes_down=result.bytes_down,
             paused_up=result.paused_up,
             paused_down=result.paused_down,
+            zero_copy=result.zero_copy,
         )
 
     def kill(self, reason: str = "killed") -> None:
@@ -612,6 +614,7 @@ class RelayProtocol(Protocol):
         bytes_down: int = 0,
         paused_up: float = 0.0,
         paused_down: float = 0.0,
+        zero_copy: str | None = None,
     ) -> None:
         self.state = State.CLOSED
         self.relay.closed(self)
@@ -654,6 +657,7 @@ class RelayProtocol(Protocol):
             total_ms=_ms(now, self.started),
             paused_up_ms=round(paused_up * 1000, 3) if paused_up else None,
             paused_down_ms=round(paused_down * 1000, 3) if paused_down else None,
+            zero_copy=zero_copy,
             close_reason=f"refused:{self._refusal}" if self._refusal else reason,
             closed_first=closed_first,
             detail=self._detail,

@@ -46,6 +46,7 @@ class Settings:
     connect_timeout: float
     idle_timeout: float
     buffer_size: int
+    zero_copy: bool = True
 
     @classmethod
     def from_config(cls, config: RelayConfig) -> Settings:
@@ -55,6 +56,7 @@ class Settings:
             connect_timeout=config.connect_timeout,
             idle_timeout=config.idle_timeout,
             buffer_size=config.buffer_size,
+            zero_copy=config.zero_copy,
         )
 
 

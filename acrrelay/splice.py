@@ -46,7 +46,11 @@ from twisted.internet.protocol import Protocol
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from acrrelay import zerocopy
+
 __all__ = ["BackendProtocol", "IdleTimer", "Pump", "PumpResult", "Valve"]
+
+_PROMOTE: Final = zerocopy.PROMOTE_AFTER
 
 #: How long a reset waits for the bytes read before it to reach the other side.
 RESET_FLUSH_SECONDS: Final = 0.5
@@ -156,6 +160,8 @@ class PumpResult:
     #: Seconds the client was held back because the backend could not take more, and back.
     paused_up: float
     paused_down: float
+    #: Which directions moved by splice(2): "up", "down", "both", or None.
+    zero_copy: str | None = None
 
 
 class Pump:
@@ -169,6 +175,7 @@ class Pump:
         idle_timeout: float,
         buffer_size: int,
         on_done: Callable[[PumpResult], None],
+        zero_copy: bool = False,
     ) -> None:
         self._clock = clock
         self.client = client
@@ -188,6 +195,10 @@ class Pump:
         self._up: Valve | None = None  # the client, as producer for the backend
         self._down: Valve | None = None  # the backend, as producer for the client
         self.finished = False
+        # splice(2) per direction, once it has carried PROMOTE_AFTER bytes (see zerocopy).
+        self._zero_copy = zero_copy and zerocopy.AVAILABLE
+        self._spliced_up: zerocopy.SpliceDirection | None = None
+        self._spliced_down: zerocopy.SpliceDirection | None = None
 
     # -- set-up
 
@@ -214,10 +225,29 @@ class Pump:
     def client_data(self, data: bytes) -> None:
         self.bytes_up += len(data)
         self.backend.write(data)  # type: ignore[union-attr]
+        if self._zero_copy and self._spliced_up is None and self.bytes_up >= _PROMOTE:
+            self._spliced_up = zerocopy.promote(
+                self.client, self.backend, self._count_up, self._buffer_size, self._clock
+            )
 
     def backend_data(self, data: bytes) -> None:
         self.bytes_down += len(data)
         self.client.write(data)
+        if self._zero_copy and self._spliced_down is None and self.bytes_down >= _PROMOTE:
+            self._spliced_down = zerocopy.promote(
+                self.backend, self.client, self._count_down, self._buffer_size, self._clock
+            )
+
+    def _count_up(self, moved: int) -> None:
+        self.bytes_up += moved
+
+    def _count_down(self, moved: int) -> None:
+        self.bytes_down += moved
+
+    @property
+    def zero_copy(self) -> tuple[bool, bool]:
+        """(client to backend, backend to client) moving by splice(2) now."""
+        return (self._spliced_up is not None, self._spliced_down is not None)
 
     # -- ends
 
@@ -266,18 +296,22 @@ class Pump:
     # -- state for admin views
 
     def paused_seconds(self) -> tuple[float, float]:
-        """(client held back, backend held back) in seconds so far."""
+        """(client held back, backend held back) in seconds so far, on either path."""
         return (
-            self._up.paused_seconds() if self._up else 0.0,
-            self._down.paused_seconds() if self._down else 0.0,
+            (self._up.paused_seconds() if self._up else 0.0)
+            + (self._spliced_up.held_seconds() if self._spliced_up else 0.0),
+            (self._down.paused_seconds() if self._down else 0.0)
+            + (self._spliced_down.held_seconds() if self._spliced_down else 0.0),
         )
 
     @property
     def paused(self) -> tuple[bool, bool]:
         """(client held back, backend held back) by back-pressure right now."""
         return (
-            self._up is not None and self._up.paused,
-            self._down is not None and self._down.paused,
+            (self._up is not None and self._up.paused)
+            or (self._spliced_up is not None and self._spliced_up.held),
+            (self._down is not None and self._down.paused)
+            or (self._spliced_down is not None and self._spliced_down.held),
         )
 
     # -- internals
@@ -301,13 +335,22 @@ class Pump:
         def step() -> None:
             if not getattr(transport, "connected", False):
                 return
-            if _unsent(transport) and self._clock.seconds() < deadline:
+            if self._unsent_to(transport) and self._clock.seconds() < deadline:
                 self._clock.callLater(FLUSH_POLL_SECONDS, step)
                 return
             _linger_zero(transport)
             transport.abortConnection()  # type: ignore[attr-defined]
 
         step()
+
+    def _unsent_to(self, transport: ITransport) -> int:
+        """Bytes on their way to ``transport``'s peer: in a pipe, in Twisted, in the kernel."""
+        piped = sum(
+            direction.pending
+            for direction in (self._spliced_up, self._spliced_down)
+            if direction is not None and direction.destination is transport
+        )
+        return piped + _unsent(transport)
 
     def _activity(self) -> int:
         return self.bytes_up + self.bytes_down
@@ -342,14 +385,21 @@ class Pump:
         if self._idle is not None:
             self._idle.cancel()
             self._idle = None
+        paused_up, paused_down = self.paused_seconds()
+        for direction in (self._spliced_up, self._spliced_down):
+            if direction is not None:
+                direction.close()
         self._on_done(
             PumpResult(
                 reason=self._reason or "done",
                 closed_first=self._closed_first or RELAY,
                 bytes_up=self.bytes_up,
                 bytes_down=self.bytes_down,
-                paused_up=self._up.paused_seconds() if self._up else 0.0,
-                paused_down=self._down.paused_seconds() if self._down else 0.0,
+                paused_up=paused_up,
+                paused_down=paused_down,
+                zero_copy={(True, True): "both", (True, False): "up", (False, True): "down"}.get(
+                    self.zero_copy
+                ),
             )
         )
 

@@ -8,7 +8,10 @@
 - :class:`AdminKeys`: throw-away SSH keys and OpenSSH's client, without any user config.
 - :class:`BioTLS`: a TLS client driven through memory BIOs over a blocking socket, so a
   test controls the raw bytes (first flight byte by byte, re-framed, a TCP-only FIN).
-- :func:`rss_bytes`: a process's resident set size from ``/proc``.
+- :func:`rss_bytes`, :func:`fd_count`: a process's resident set size and open file
+  descriptors, from ``/proc``.
+- :func:`silent_listener`: a loopback port that drops SYNs (a black-holed backend);
+  :func:`netns_socket`: a socket that lives in another network namespace.
 
 The fixtures are in ``tests.e2e_fixtures`` (test modules name it in ``pytest_plugins``).
 Every process started here is stopped by its PID in a fixture finaliser, whatever the
@@ -18,11 +21,13 @@ outcome of the test.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import datetime
 import json
 import os
 import queue
 import re
+import select
 import signal
 import socket
 import ssl
@@ -30,7 +35,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -99,6 +104,69 @@ def rss_bytes(pid: int) -> int:
             assert unit == "kB", line
             return int(value) * 1024
     raise AssertionError(f"no VmRSS for pid {pid}")
+
+
+def fd_count(pid: int) -> int:
+    """How many file descriptors ``pid`` has open."""
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+@contextlib.contextmanager
+def silent_listener() -> Iterator[int]:
+    """A loopback port whose accept queue is full, so new SYNs are dropped."""
+    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    fillers: list[socket.socket] = []
+    try:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(0)
+        address = listener.getsockname()
+        for _ in range(16):
+            filler = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            filler.setblocking(False)
+            fillers.append(filler)
+            filler.connect_ex(address)
+            _, writable, _ = select.select([], [filler], [], 0.3)
+            if not writable:
+                break  # this one's SYN was dropped: the queue is full
+        else:
+            raise AssertionError("could not fill the accept queue")
+        yield address[1]
+    finally:
+        for filler in fillers:
+            filler.close()
+        listener.close()
+
+
+_CLONE_NEWNET = 0x40000000
+
+
+def netns_socket(netns: str, family: int = socket.AF_INET) -> socket.socket:
+    """A TCP socket created inside the network namespace ``netns`` (``ip netns`` name).
+
+    A socket stays in the namespace it was made in, whichever thread uses it later, and
+    a thread can switch its own network namespace alone: a throw-away thread enters the
+    namespace, makes the socket and ends, and the test process stays where it was.
+    """
+    made: list[socket.socket | BaseException] = []
+
+    def make() -> None:
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            with open(f"/var/run/netns/{netns}", "rb") as handle:
+                if libc.setns(handle.fileno(), _CLONE_NEWNET) != 0:
+                    errno = ctypes.get_errno()
+                    raise OSError(errno, f"setns into {netns}: {os.strerror(errno)}")
+            made.append(socket.socket(family, socket.SOCK_STREAM))
+        except BaseException as e:
+            made.append(e)
+
+    thread = threading.Thread(target=make, daemon=True)
+    thread.start()
+    thread.join(timeout=10)
+    assert made, f"no socket made in {netns} within 10s"
+    if isinstance(made[0], BaseException):
+        raise made[0]
+    return made[0]
 
 
 # ---------------------------------------------------------------- certificates
@@ -296,6 +364,11 @@ def _toml_string(value: str) -> str:
     return json.dumps(value)  # a JSON string is a valid TOML basic string
 
 
+#: Which byte path every e2e relay uses: splice(2) (default) or the normal path. The test
+#: command runs the e2e tests once more with ACRRELAY_E2E_ZERO_COPY=false.
+ZERO_COPY = os.environ.get("ACRRELAY_E2E_ZERO_COPY", "true").lower() != "false"
+
+
 def _toml_value(value: Any) -> str:
     """A TOML value for a str, bool, int or a list of those."""
     if isinstance(value, bool):
@@ -322,7 +395,9 @@ class Relay:
     integers). ``listeners`` replaces the one default listener by ``[[listen]]`` tables
     (each with a ``name``, on 127.0.0.1 port 0); ``hosts`` is ``[resolver.hosts]``;
     ``nofile`` runs the relay under that file-descriptor limit (soft and hard);
-    ``admin`` is the ``[admin]`` table (see :meth:`AdminKeys.admin`).
+    ``admin`` is the ``[admin]`` table (see :meth:`AdminKeys.admin`); ``wrap`` is a command
+    prefix the relay runs under, which must exec it (so the PID stays the relay's), such as
+    ``unshare`` giving it files of its own.
     It is running once constructed (``port`` of the first listener, ``ports`` by
     listener name, ``ssh_port`` and ``metrics_port`` if configured, ``access_log_path``,
     ``pid``); ``stop()`` or ``with`` ends it. :meth:`write_config` then :meth:`reload`
@@ -338,6 +413,7 @@ class Relay:
         hosts: Mapping[str, str | Sequence[str]] | None = None,
         nofile: int | None = None,
         admin: Mapping[str, str] | None = None,
+        wrap: Sequence[str] = (),
         **relay: str | int,
     ) -> None:
         directory.mkdir(parents=True, exist_ok=True)
@@ -355,6 +431,7 @@ class Relay:
         if nofile is not None:
             # prlimit sets the limit on itself and then execs the command: same PID.
             command = ["prlimit", f"--nofile={nofile}:{nofile}", "--", *command]
+        command = [*wrap, *command]
         self.proc = subprocess.Popen(
             command,
             stdin=subprocess.DEVNULL,
@@ -399,6 +476,7 @@ class Relay:
             "peek_timeout": "5s",
             "connect_timeout": "5s",
             "idle_timeout": "60s",
+            "zero_copy": ZERO_COPY,
             **relay,
             "access_log": str(self.access_log_path),
         }
@@ -883,15 +961,18 @@ __all__ = [
     "Relay",
     "TestCA",
     "clean_env",
+    "fd_count",
     "free_port",
     "hello_with_sni",
     "http_get",
     "listening_ports",
+    "netns_socket",
     "read_all",
     "read_response",
     "recv_to_eof",
     "rss_bytes",
     "run",
+    "silent_listener",
     "split_http",
     "stop_process",
     "wait_listening",

@@ -1,0 +1,203 @@
+"""The zero-copy path: move one direction's bytes with splice(2), never through Python.
+
+Once a direction of a spliced pair has carried :data:`PROMOTE_AFTER` bytes the normal
+way (a blob download, not an API call), :func:`promote` gives it a pipe and takes over
+two methods of the Twisted transports, so the reactor's own readiness events drive it:
+
+- the source's ``doRead`` splices socket -> pipe -> destination socket;
+- the destination's ``doWrite`` drains the pipe when the destination was full.
+
+What the normal path guarantees still holds:
+
+- **order**: a read is spliced only while the destination's Twisted write buffer is
+  empty (the peeked bytes, a PROXY header, CONNECT's 200 go first); otherwise that read
+  takes the normal path;
+- **flow control**: a full pipe, or a destination that takes no more, stops reading the
+  source until the pipe drains;
+- **half-close**: end of stream is reported to Twisted as ``CONNECTION_DONE`` from
+  ``doRead`` (after the pipe has drained), which the pump already turns into a FIN;
+- **errors**: a source error is returned from ``doRead``; a destination error is
+  returned from the destination's next ``doWrite``, so Twisted disconnects each side
+  the normal way and the pump reports it;
+- **counters**: bytes are counted as they are read from the source, as on the normal
+  path, so the idle timeout, the access log and the metrics do not change.
+
+Where splice is unavailable, or anything fails before bytes move (no pipe: EMFILE), the
+direction stays on the normal path. ``zero_copy = false`` in the config turns it off.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import os
+from collections.abc import Callable
+from typing import Any, Final
+
+from twisted.internet import error, main
+from twisted.internet.interfaces import IReactorTime
+
+__all__ = ["AVAILABLE", "PROMOTE_AFTER", "SpliceDirection", "promote"]
+
+#: splice(2) exists here (Linux, Python 3.10+).
+AVAILABLE: Final = hasattr(os, "splice") and hasattr(os, "pipe2")
+#: Bytes a direction carries the normal way before it moves to splice.
+PROMOTE_AFTER: Final = 512 * 1024
+_FLAGS: Final = getattr(os, "SPLICE_F_MOVE", 1) | getattr(os, "SPLICE_F_NONBLOCK", 2)
+_F_SETPIPE_SZ: Final = getattr(fcntl, "F_SETPIPE_SZ", 1031)
+_GONE: Final = (errno.EPIPE, errno.ECONNRESET, errno.ENOTCONN, errno.ESHUTDOWN)
+
+
+def _twisted_buffered(transport: Any) -> int:
+    """Bytes waiting in a transport's own (userspace) write buffer."""
+    pending: int = len(transport.dataBuffer) - transport.offset + transport._tempDataLen
+    return pending
+
+
+def can_splice(source: Any, destination: Any) -> bool:
+    """Both ends are plain socket transports whose reads and writes we can drive."""
+    return AVAILABLE and all(
+        hasattr(t, "fileno") and hasattr(t, "doRead") and hasattr(t, "doWrite")
+        and hasattr(t, "dataBuffer") and hasattr(t, "_tempDataLen") and hasattr(t, "startReading")
+        for t in (source, destination)
+    )  # fmt: skip
+
+
+class SpliceDirection:
+    """One direction (source socket -> destination socket) moved by splice(2)."""
+
+    def __init__(
+        self,
+        source: Any,
+        destination: Any,
+        count: Callable[[int], None],
+        pipe_size: int,
+        clock: IReactorTime,
+    ) -> None:
+        self.source = source
+        self.destination = destination
+        self._count = count
+        self._clock = clock
+        self._held_since: float | None = None  # the source waits for the destination
+        self._held_total = 0.0
+        self._read_end, self._write_end = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        with contextlib.suppress(OSError):  # the default 64 KiB works too
+            fcntl.fcntl(self._write_end, _F_SETPIPE_SZ, pipe_size)
+        self.pending = 0  # bytes in the pipe
+        self._destination_error: Exception | None = None
+        self._normal_read = source.doRead
+        self._normal_write = destination.doWrite
+        self.closed = False
+        source.doRead = self.do_read
+        destination.doWrite = self.do_write
+
+    # -- the source
+
+    def do_read(self) -> Any:
+        if self.pending:
+            # The destination is behind: stop reading until the pipe drains.
+            self._hold()
+            return None
+        if _twisted_buffered(self.destination):
+            return self._normal_read()  # keep order behind bytes Twisted still holds
+        try:
+            moved = os.splice(self.source.fileno(), self._write_end, 1 << 20, flags=_FLAGS)
+        except BlockingIOError:
+            return None
+        except OSError as e:
+            return error.ConnectionLost(str(e))
+        if moved == 0:
+            return main.CONNECTION_DONE  # end of stream: the pump passes it on as a FIN
+        self.pending += moved
+        self._count(moved)
+        self._drain()
+        if self.pending:
+            self._hold()
+        return None
+
+    def _hold(self) -> None:
+        self.source.stopReading()
+        self.destination.startWriting()
+        if self._held_since is None:
+            self._held_since = self._clock.seconds()
+
+    @property
+    def held(self) -> bool:
+        """Whether back-pressure holds the source now."""
+        return self._held_since is not None
+
+    def held_seconds(self) -> float:
+        """Time the source spent held back by a destination that took no more."""
+        if self._held_since is None:
+            return self._held_total
+        return self._held_total + self._clock.seconds() - self._held_since
+
+    # -- the destination
+
+    def do_write(self) -> Any:
+        if self._destination_error is not None:
+            return self._destination_error
+        if _twisted_buffered(self.destination):
+            return self._normal_write()
+        if self.pending:
+            self._drain()
+            if self._destination_error is not None:
+                return self._destination_error
+            if self.pending:
+                return None  # still full: wait for the next writable event
+            if self._held_since is not None:
+                self._held_total += self._clock.seconds() - self._held_since
+                self._held_since = None
+            if not self.closed and self.source.connected:
+                self.source.startReading()
+        # The pipe is empty: whatever Twisted has to do (its buffer, a FIN, a close).
+        return self._normal_write()
+
+    def _drain(self) -> None:
+        while self.pending:
+            try:
+                moved = os.splice(
+                    self._read_end, self.destination.fileno(), self.pending, flags=_FLAGS
+                )
+            except BlockingIOError:
+                return
+            except OSError as e:
+                gone = e.errno in _GONE
+                self._destination_error = (
+                    error.ConnectionLost(str(e)) if gone else error.ConnectionLost(repr(e))
+                )
+                self.destination.startWriting()  # its doWrite reports the error
+                return
+            if moved == 0:
+                return
+            self.pending -= moved
+
+    def close(self) -> None:
+        """Give the transports their own methods back and free the pipe."""
+        if self.closed:
+            return
+        self.closed = True
+        for fd in (self._read_end, self._write_end):
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        if self.source.doRead == self.do_read:
+            self.source.doRead = self._normal_read
+        if self.destination.doWrite == self.do_write:
+            self.destination.doWrite = self._normal_write
+
+
+def promote(
+    source: Any,
+    destination: Any,
+    count: Callable[[int], None],
+    pipe_size: int,
+    clock: IReactorTime,
+) -> SpliceDirection | None:
+    """Move ``source`` -> ``destination`` to splice, or None to stay on the normal path."""
+    if not can_splice(source, destination):
+        return None
+    try:
+        return SpliceDirection(source, destination, count, pipe_size, clock)
+    except OSError:
+        return None  # no pipe (EMFILE, say): the normal path goes on
