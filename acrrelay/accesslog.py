@@ -22,6 +22,7 @@ __all__ = ["FIELDS", "AccessLog"]
 #: The fields of an access event, in the order they are written.
 FIELDS: Final = (
     "id",
+    "worker",
     "listener",
     "client",
     "peer",

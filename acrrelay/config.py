@@ -226,6 +226,8 @@ class RelayConfig:
     drain_timeout: float = 30.0
     #: Move bulk transfers with splice(2) (Linux), never through Python.
     zero_copy: bool = True
+    #: Processes serving the same listening sockets (see acrrelay.workers).
+    workers: int = 1
     admin: AdminConfig = attrs.field(factory=lambda: AdminConfig())
 
     def route_table(self) -> RouteTable:
@@ -256,6 +258,7 @@ _RELAY_KEYS: Final = (
     "max_connections_per_client",
     "drain_timeout",
     "zero_copy",
+    "workers",
 )
 _ADMIN_KEYS: Final = ("ssh", "ssh_user", "authorized_keys", "host_key", "metrics")
 _LISTEN_KEYS: Final = (
@@ -329,6 +332,12 @@ def _string(value: object) -> str:
 def _port(value: object) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 65535:
         raise ValueError(f"expected a port number from 1 to 65535, got {_show(value)}")
+    return value
+
+
+def _workers(value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 64:
+        raise ValueError(f"expected a number of processes from 1 to 64, got {_show(value)}")
     return value
 
 
@@ -567,6 +576,7 @@ def _build(source: str, document: dict[str, Any], overlay: Overlay) -> RelayConf
         "max_connections_per_client": relay.get("max_connections_per_client", _count, 0),
         "drain_timeout": relay.get("drain_timeout", parse_duration, 30.0),
         "zero_copy": relay.get("zero_copy", _boolean, True),
+        "workers": relay.get("workers", _workers, 1),
     }
     relay.finish(_RELAY_KEYS)
     if overlay.access_log is not None:

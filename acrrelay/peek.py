@@ -634,6 +634,7 @@ class RelayProtocol(Protocol):
         self.relay.access.info(
             "{client} {target} -> {backend_address} {close_reason}",
             id=self.id,
+            worker=self.relay.worker if self.relay.config.workers > 1 else None,
             listener=self.listener.name,
             client=self.client,
             peer=self.peer if self.peer != self.client else None,

@@ -104,6 +104,8 @@ class Relay:
         self.max_connections = 1 << 30
         self._ports: list[Any] = []
         self.accepting = True
+        #: Which process this is, with workers (1: the main one).
+        self.worker = 1
         #: Set by a drain: accepting never resumes, whatever the limit says.
         self.draining = False
         self._ids = itertools.count(1)

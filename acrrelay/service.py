@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import ipaddress
 import resource
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Final
 
 import attrs
@@ -105,12 +105,18 @@ class RelayService(MultiService):
         *,
         access_observer: AccessObserver | None = None,
         config_loader: Callable[[], RelayConfig] | None = None,
+        adopt: Sequence[tuple[int, int]] = (),
+        worker: int = 1,
     ) -> None:
         super().__init__()
         self.reactor = reactor
         self.config = config
         self.config_loader = config_loader
+        #: Listening sockets inherited from the main process: (fd, address family) each.
+        self._adopt = list(adopt)
+        self.worker = worker
         self.relay = Relay(config, reactor, access_observer=access_observer)
+        self.relay.worker = worker
         self._listening: dict[str, tuple[IListeningPort, RelayFactory]] = {}
         self._admin_ports: list[IListeningPort] = []
         self._ssh_factory: Any = None
@@ -133,6 +139,14 @@ class RelayService(MultiService):
         self.relay.open()
         super().startService()
         for port, listener in zip(self.ports, self.config.listeners, strict=False):
+            if self.worker > 1:
+                self._log.info(
+                    "worker {worker} serving {address} ({listener})",
+                    worker=self.worker,
+                    address=describe(port.getHost()),
+                    listener=listener.name,
+                )
+                continue
             # Tests and scripts read "listening on HOST:PORT" to learn a port-0 listener's port.
             self._log.info(
                 "listening on {address} ({listener}) with {routes} routes",
@@ -168,6 +182,8 @@ class RelayService(MultiService):
         old = self.config
         old_endpoints = {listener.endpoint for listener in old.listeners}
         new_endpoints = {listener.endpoint for listener in config.listeners}
+        if (self._adopt or old.workers > 1) and old_endpoints != new_endpoints:
+            return self._reload_failed("with workers, adding or removing listeners needs a restart")
         added: list[tuple[str, tuple[IListeningPort, RelayFactory]]] = []
         try:
             for listener in config.listeners:
@@ -309,9 +325,16 @@ class RelayService(MultiService):
             return
         self._bound = True
         try:
-            for listener in self.config.listeners:
-                self._listening[listener.endpoint] = self._listen_now(listener)
-            self._bind_admin()
+            if self._adopt:
+                for listener, (fd, family) in zip(self.config.listeners, self._adopt, strict=True):
+                    factory = RelayFactory(self.relay, listener)
+                    port = self.reactor.adoptStreamPort(fd, family, factory)
+                    self._listening[listener.endpoint] = (port, factory)
+            else:
+                for listener in self.config.listeners:
+                    self._listening[listener.endpoint] = self._listen_now(listener)
+            if self.worker == 1:
+                self._bind_admin()
         except ListenError:
             for port in [*self.ports, *self._admin_ports]:
                 port.stopListening()

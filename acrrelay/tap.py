@@ -17,6 +17,7 @@ from twisted.python import usage
 
 from acrrelay.config import ConfigError, Overlay, load_config
 from acrrelay.service import ListenError, RelayService
+from acrrelay.workers import WorkerPool
 
 __all__ = ["Options", "makeService"]
 
@@ -52,6 +53,16 @@ class Options(usage.Options):
         backend 'resolve' (repeatable)."""
         self["acr"].append(region)
 
+    def as_argv(self) -> list[str]:
+        """These options again, as flags (for worker processes)."""
+        argv = ["--config", self["config"]] if self["config"] else []
+        for flag in ("listen", "route", "acr"):
+            for value in self[flag]:
+                argv += [f"--{flag}", value]
+        if self["access-log"] is not None:
+            argv += ["--access-log", self["access-log"]]
+        return argv
+
     def overlay(self) -> Overlay:
         return Overlay(
             listen=tuple(self["listen"]),
@@ -85,9 +96,13 @@ class _ExitingRelayService(RelayService):
         signal.signal(signal.SIGTERM, self._on_stop_signal)
         signal.signal(signal.SIGINT, self._on_stop_signal)
 
+    pool: WorkerPool | None = None
+
     def _on_sighup(self, signum: int, frame: object) -> None:
         # Not here, in the middle of whatever the signal interrupted: in the reactor.
         self.reactor.callFromThread(self.reload)
+        if self.pool is not None:
+            self.reactor.callFromThread(self.pool.signal, signal.SIGHUP)
 
     def _on_stop_signal(self, signum: int, frame: object) -> None:
         if self.draining:
@@ -98,6 +113,8 @@ class _ExitingRelayService(RelayService):
 
     def stopService(self):  # type: ignore[no-untyped-def]
         signal.signal(signal.SIGHUP, signal.SIG_IGN)  # a late reload must not race the drain
+        if self.pool is not None:
+            self.pool.signal(signal.SIGTERM)  # workers drain alongside, not afterwards
         return super().stopService()
 
 
@@ -112,4 +129,18 @@ def makeService(options: Options) -> IService:
     service: Any = _ExitingRelayService(
         config, reactor, config_loader=lambda: load_config(path, overlay)
     )
+    if config.workers > 1:
+        pool = WorkerPool(reactor, config.workers, _Ports(service), options.as_argv())
+        pool.setServiceParent(service)  # started once the listeners are bound
+        service.pool = pool
     return service  # type: ignore[no-any-return]
+
+
+class _Ports:
+    """The service's listening ports, read when the workers start (after binding)."""
+
+    def __init__(self, service: RelayService) -> None:
+        self._service = service
+
+    def __iter__(self) -> Any:
+        return iter(self._service.ports)
