@@ -160,15 +160,7 @@ def _hosts(args: argparse.Namespace, out: TextIO) -> int:
     elif args.format == "dockerd":
         out.write(dockerd_proxy(host, port, args.proxy_user))
     else:
-        for registry in names.registry:
-            out.write(containerd_proxy(host, port, registry, args.proxy_user))
-            break
-        for registry in names.registry[1:]:
-            out.write(
-                f"\n# /etc/containerd/certs.d/{registry}/hosts.toml:\n"
-                f'server = "https://{registry}"\n\n[host."https://{registry}"]\n'
-                '  capabilities = ["pull", "resolve", "push"]\n'
-            )
+        out.write(containerd_proxy(host, port, names.registry, args.proxy_user))
     return 0
 
 

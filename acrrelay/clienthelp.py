@@ -13,13 +13,20 @@ Pure: no reactor, no sockets.
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 import attrs
 
 from acrrelay.catalogue import Network, acr_entries
 
-__all__ = ["ClientNames", "client_names", "containerd_proxy", "dockerd_proxy", "hosts_lines"]
+__all__ = [
+    "ClientNames",
+    "client_names",
+    "containerd_hosts_toml",
+    "containerd_proxy",
+    "dockerd_proxy",
+    "hosts_lines",
+]
 
 
 @attrs.frozen
@@ -93,41 +100,51 @@ def _proxy_url(relay: str, port: int, user: str | None) -> str:
     return f"http://{credentials}{host}:{port}"
 
 
-def dockerd_proxy(relay: str, port: int, user: str | None = None) -> str:
-    """dockerd settings for HTTPS_PROXY mode: a systemd drop-in, or daemon.json (23.0+)."""
-    url = _proxy_url(relay, port, user)
+def _systemd_drop_in(service: str, url: str) -> str:
     return f"""\
-# dockerd through the relay's CONNECT front door. Either a systemd drop-in,
-# /etc/systemd/system/docker.service.d/acrrelay-proxy.conf:
+# {service} through the relay's CONNECT front door: a systemd drop-in,
+# /etc/systemd/system/{service}.service.d/acrrelay-proxy.conf:
 [Service]
 Environment="HTTPS_PROXY={url}"
 Environment="HTTP_PROXY={url}"
 Environment="NO_PROXY=localhost,127.0.0.1"
-# then: systemctl daemon-reload && systemctl restart docker
-#
-# or, with Docker 23.0 or newer, in /etc/docker/daemon.json:
-#   {{"proxies": {{"https-proxy": "{url}", "http-proxy": "{url}",
-#                 "no-proxy": "localhost,127.0.0.1"}}}}
+# then: systemctl daemon-reload && systemctl restart {service}
 """
 
 
-def containerd_proxy(relay: str, port: int, registry: str, user: str | None = None) -> str:
-    """containerd settings for HTTPS_PROXY mode: a systemd drop-in and a hosts.toml."""
-    url = _proxy_url(relay, port, user)
+def containerd_hosts_toml(registry: str) -> str:
+    """The hosts.toml that pins ``registry`` for containerd."""
     return f"""\
-# containerd through the relay's CONNECT front door: a systemd drop-in,
-# /etc/systemd/system/containerd.service.d/acrrelay-proxy.conf:
-[Service]
-Environment="HTTPS_PROXY={url}"
-Environment="HTTP_PROXY={url}"
-Environment="NO_PROXY=localhost,127.0.0.1"
-# then: systemctl daemon-reload && systemctl restart containerd
-#
-# Optionally, to pin the registry host explicitly (containerd reads these files when
-# its config.toml sets config_path = "/etc/containerd/certs.d" for the CRI registry),
 # /etc/containerd/certs.d/{registry}/hosts.toml:
 server = "https://{registry}"
 
 [host."https://{registry}"]
   capabilities = ["pull", "resolve", "push"]
 """
+
+
+def dockerd_proxy(relay: str, port: int, user: str | None = None) -> str:
+    """dockerd settings for HTTPS_PROXY mode: a systemd drop-in, or daemon.json (23.0+)."""
+    url = _proxy_url(relay, port, user)
+    return (
+        _systemd_drop_in("docker", url)
+        + f"""\
+#
+# or, with Docker 23.0 or newer, in /etc/docker/daemon.json:
+#   {{"proxies": {{"https-proxy": "{url}", "http-proxy": "{url}",
+#                 "no-proxy": "localhost,127.0.0.1"}}}}
+"""
+    )
+
+
+def containerd_proxy(
+    relay: str, port: int, registries: Sequence[str], user: str | None = None
+) -> str:
+    """containerd settings for HTTPS_PROXY mode: a systemd drop-in and hosts.toml files."""
+    url = _proxy_url(relay, port, user)
+    pinned = "\n".join(containerd_hosts_toml(registry) for registry in registries)
+    return _systemd_drop_in("containerd", url) + (
+        "#\n# Optionally, to pin the registry hosts explicitly (containerd reads these files\n"
+        '# when its config.toml sets config_path = "/etc/containerd/certs.d" for the CRI\n'
+        "# registry):\n" + pinned
+    )
