@@ -554,6 +554,8 @@ class RelayProtocol(Protocol):
 
     def _count_refusal(self, reason: str, detail: str) -> None:
         self.relay.stats.refused[reason] += 1
+        if not self.relay.refusal_log.allow(reason):
+            return  # a flood: the access log has each one, the main log a summary
         self._log.info(
             "refused {client} on {listener}: {reason} ({detail})",
             client=self.client,

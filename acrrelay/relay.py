@@ -37,6 +37,38 @@ __all__ = ["AccessObserver", "Relay", "RelayStats", "Settings"]
 AccessObserver = ILogObserver | Callable[[LogEvent], None]
 
 
+class RefusalLog:
+    """Lets the first few refusals of each reason per minute into the main log, then
+    logs how many more there were: a flood of scanners must not drown the log (the
+    access log still has one line for each)."""
+
+    PER_MINUTE: Final = 10
+    _log = Logger(namespace="acrrelay.refusals")
+
+    def __init__(self, clock: Any) -> None:
+        self._clock = clock
+        self._window_start = clock.seconds()
+        self._seen: Counter[str] = Counter()
+
+    def allow(self, reason: str) -> bool:
+        now = self._clock.seconds()
+        if now - self._window_start >= 60:
+            self._summarise()
+            self._window_start = now
+        self._seen[reason] += 1
+        return self._seen[reason] <= self.PER_MINUTE
+
+    def _summarise(self) -> None:
+        for reason, count in sorted(self._seen.items()):
+            if count > self.PER_MINUTE:
+                self._log.info(
+                    "{more} more {reason} refusals in the last minute (not logged one by one)",
+                    more=count - self.PER_MINUTE,
+                    reason=reason,
+                )
+        self._seen.clear()
+
+
 @attrs.frozen
 class Settings:
     """The per-connection limits, from the configuration."""
@@ -97,6 +129,7 @@ class Relay:
         self._auth_runner = auth_runner
         self._own_access_log = access_observer is None
         self.stats = RelayStats()
+        self.refusal_log = RefusalLog(reactor)
         self.metrics = RelayMetrics()
         self.connections: dict[int, RelayProtocol] = {}
         self.per_client: Counter[str] = Counter()

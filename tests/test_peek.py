@@ -280,3 +280,28 @@ def test_an_internal_error_costs_one_connection_only() -> None:
     assert h.relay.stats.refused["internal_error"] == 1
     transport.protocol.connectionLost(Failure(ConnectionLost()))
     assert h.events[-1]["close_reason"] == "refused:internal_error"
+
+
+def test_a_refusal_flood_is_summarised_in_the_main_log() -> None:
+    """Past 10 refusals of a reason per minute the main log summarises; every access line stays."""
+    from twisted.logger import globalLogPublisher
+
+    seen: list[dict[str, object]] = []
+    globalLogPublisher.addObserver(seen.append)
+    try:
+        h = Harness()
+        for _ in range(25):
+            protocol, transport = h.accept()
+            protocol.dataReceived(client_hello_bytes("unknown.example.com"))
+            transport.protocol.connectionLost(Failure(ConnectionLost()))
+        h.reactor.advance(61)
+        protocol, _ = h.accept()
+        protocol.dataReceived(client_hello_bytes("unknown.example.com"))
+    finally:
+        globalLogPublisher.removeObserver(seen.append)
+    one_by_one = [e for e in seen if e.get("log_format", "").startswith("refused ")]
+    summaries = [e for e in seen if "more" in e and e.get("reason") == "not_allowed"]
+    assert len(one_by_one) == 11  # 10 in the first minute, then the first of the next
+    assert [s["more"] for s in summaries] == [15]
+    assert h.relay.stats.refused["not_allowed"] == 26
+    assert len(h.events) == 25  # each closed connection has its access line
