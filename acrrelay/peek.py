@@ -61,7 +61,7 @@ from acrrelay.proxyproto import (
     is_proxy_signature,
 )
 from acrrelay.routing import Door, Refusal, Route, normalize_name
-from acrrelay.splice import BackendProtocol, Pump, PumpResult
+from acrrelay.splice import BackendProtocol, Pump, PumpResult, reset_not_eof
 
 if TYPE_CHECKING:
     from acrrelay.config import ListenerConfig
@@ -207,6 +207,8 @@ class RelayProtocol(Protocol):
             self._refuse("internal_error", "internal error")
 
     def readConnectionLost(self) -> None:
+        if reset_not_eof(self.transport):
+            return
         if self.state is State.SPLICING:
             self.pump.client_eof()  # type: ignore[union-attr]
         elif self.state in (State.AUTHORIZING, State.CONNECTING):

@@ -47,12 +47,14 @@ class RefusalLog:
 
     def __init__(self, clock: Any) -> None:
         self._clock = clock
-        self._window_start = clock.seconds()
+        self._window_start: float | None = None
         self._seen: Counter[str] = Counter()
 
     def allow(self, reason: str) -> bool:
         now = self._clock.seconds()
-        if now - self._window_start >= 60:
+        if self._window_start is None:
+            self._window_start = now
+        elif now - self._window_start >= 60:
             self._summarise()
             self._window_start = now
         self._seen[reason] += 1

@@ -385,7 +385,7 @@ class RelayService(MultiService):
         return self._listen_endpoint(listener.endpoint, factory), factory
 
     def _listen_endpoint(self, description: str, factory: Any) -> IListeningPort:
-        endpoint = serverFromString(self.reactor, description)
+        endpoint = serverFromString(self.reactor, with_backlog(description))
         outcome: list[IListeningPort | Failure] = []
         d = endpoint.listen(factory)
         d.addBoth(outcome.append)
@@ -445,6 +445,20 @@ def describe_changes(old: RelayConfig, new: RelayConfig) -> str:
     if old.admin != new.admin:
         parts.append("admin listener changes take effect at restart")
     return "; ".join(parts)
+
+
+#: The listen backlog unless an endpoint string sets one (the kernel caps it at somaxconn).
+#: Twisted's default of 50 overflows under a burst, and connections the kernel has
+#: completed but nobody accepted escape the peek timeout.
+DEFAULT_BACKLOG: Final = 4096
+
+
+def with_backlog(description: str) -> str:
+    """``description``, with ``backlog=`` added for tcp, tcp6 and unix endpoints."""
+    kind = description.partition(":")[0]
+    if kind in ("tcp", "tcp6", "unix") and "backlog=" not in description:
+        return f"{description}:backlog={DEFAULT_BACKLOG}"
+    return description
 
 
 def _own_endpoints(

@@ -30,7 +30,7 @@ import socket
 import struct
 import termios
 from collections.abc import Callable
-from typing import Final
+from typing import Any, Final
 
 import attrs
 from twisted.internet.error import ConnectionDone
@@ -404,6 +404,25 @@ class Pump:
         )
 
 
+def reset_not_eof(transport: Any) -> bool:
+    """Whether an end of stream was really a reset; if so, abort ``transport`` for it.
+
+    epoll can report a reset socket with EPOLLERR alone, which Twisted's reactor, seeing
+    a socket "disconnected while reading", hands on as a clean end of stream. The pending
+    socket error tells them apart; the abort then reaches the protocol as a connection
+    lost, which the pump passes on as a reset, never as a FIN.
+    """
+    handle = transport.getHandle() if hasattr(transport, "getHandle") else None
+    try:
+        pending = handle.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)  # type: ignore[union-attr]
+    except (AttributeError, OSError):
+        return False
+    if not pending:
+        return False
+    transport.abortConnection()
+    return True
+
+
 def _unsent(transport: ITransport) -> int:
     """Bytes written to ``transport`` that its peer has not acknowledged yet."""
     pending = len(getattr(transport, "dataBuffer", b"")) - getattr(transport, "offset", 0)
@@ -448,6 +467,8 @@ class BackendProtocol(Protocol):
         self.pump.backend_data(data)  # type: ignore[union-attr]
 
     def readConnectionLost(self) -> None:
+        if reset_not_eof(self.transport):
+            return
         if self.pump is not None:
             self.pump.backend_eof()
 

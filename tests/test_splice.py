@@ -274,3 +274,20 @@ def test_losing_one_side_never_closes_the_other_gracefully_behind_the_pumps_back
     assert not client.disconnecting
     backend_protocol.connectionLost(Failure(ConnectionLost()))
     assert client.disconnected  # the reset, passed on as a reset
+
+
+class _ErroredSocket:
+    def getsockopt(self, level: int, option: int) -> int:
+        return 104  # ECONNRESET, still pending
+
+
+def test_an_end_of_stream_that_was_a_reset_is_passed_on_as_a_reset() -> None:
+    """epoll may report a reset with EPOLLERR alone, which Twisted calls an end of stream;
+    the pending socket error makes it a reset again, never a FIN to the client."""
+    _, _, client, backend_protocol, backend = spliced()
+    backend.getHandle = lambda: _ErroredSocket()  # type: ignore[attr-defined]
+    backend_protocol.readConnectionLost()
+    assert backend.disconnected  # aborted, which Twisted reports as connection lost
+    assert not client.write_closed  # no FIN forwarded
+    backend_protocol.connectionLost(Failure(ConnectionLost()))
+    assert client.disconnected  # the reset, passed on as one

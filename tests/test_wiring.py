@@ -164,3 +164,14 @@ def test_library_exports_are_typed_and_documented() -> None:
     for name in acrrelay.__all__:
         assert getattr(acrrelay, name).__doc__, name
     assert importlib.resources.files("acrrelay").joinpath("py.typed").is_file()
+
+
+def test_listeners_get_a_deep_backlog_unless_they_set_one() -> None:
+    """A burst must wait in the accept queue, not overflow Twisted's default of 50."""
+    reactor = MemoryReactorClock()
+    config = parse_config(
+        '[[listen]]\nendpoint = "tcp:8443"\n[[listen]]\nendpoint = "tcp:9443:backlog=100"\n'
+        '[[route]]\nname = "a.b.c"\nbackend = "resolve"\n'
+    )
+    make_relay_service(config, reactor).startService()
+    assert [backlog for _, _, backlog, _ in reactor.tcpServers] == [4096, 100]

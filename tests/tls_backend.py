@@ -21,8 +21,11 @@ only a TCP FIN; then it reads until the peer closes, so no close ever becomes a 
 
 A connection whose first byte is not a TLS handshake record (``0x16``) is served as
 plain HTTP/1.1 on the same port, with keep-alive: ``GET /name`` answers
-``backend=<name>\n``, anything else 404. So one backend endpoint serves a route
-whatever the relay's front door (SNI, CONNECT, Host or absolute URI).
+``backend=<name>\n``, ``GET /blob?size=N&seed=S`` the same body and ``X-Sha256`` as over
+TLS, ``GET /reset?size=N&seed=S&after=M`` announces that blob but sends only its first
+``M`` bytes, waits (bounded) until the peer's kernel acknowledged them, and resets
+(``SO_LINGER`` 0: a backend dying mid-blob); anything else 404. So one backend endpoint
+serves a route whatever the relay's front door (SNI, CONNECT, Host or absolute URI).
 
 For the tests that check what reached a backend, every accepted connection prints
 ``ACCEPT <name>`` and every request head read prints ``REQUEST <name> <tls|plain>
@@ -33,12 +36,16 @@ The module is also imported by the tests for :func:`blob_block` and friends.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import random
 import socket
 import ssl
+import struct
 import sys
+import termios
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
@@ -47,6 +54,8 @@ BLOCK_SIZE = 1 << 20
 ECHO_RESPONSE_SIZE = 8 << 20
 ECHO_SEED = 8
 IO_TIMEOUT = 120.0
+#: How long /reset waits for its bytes to be acknowledged before it resets anyway.
+RESET_DRAIN_SECONDS = 10.0
 
 _blocks: dict[int, bytes] = {}
 _print_lock = threading.Lock()
@@ -217,7 +226,15 @@ def _plain(sock: socket.socket, name: str) -> None:
         close = version != "HTTP/1.1" or any(
             line.replace(b" ", b"") == b"connection:close" for line in headers
         )
-        if urlsplit(target).path == "/name":
+        url = urlsplit(target)
+        if url.path in ("/blob", "/reset"):
+            if not _plain_blob(sock, url.path, parse_qs(url.query), close):
+                return
+            if close:
+                _finish(sock, close_notify=False)
+                return
+            continue
+        if url.path == "/name":
             status, payload = "200 OK", f"backend={name}\n".encode()
         else:
             status, payload = "404 Not Found", b""
@@ -231,6 +248,48 @@ def _plain(sock: socket.socket, name: str) -> None:
         if close:
             _finish(sock, close_notify=False)
             return
+
+
+def _plain_blob(sock: socket.socket, path: str, query: dict[str, list[str]], close: bool) -> bool:
+    """Answer /blob or /reset on a plain connection; False once the connection is reset."""
+    size = int(query["size"][0])
+    seed = int(query.get("seed", ["0"])[0])
+    after = int(query.get("after", [str(size)])[0]) if path == "/reset" else size
+    sock.sendall(
+        b"HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\n"
+        + f"Content-Length: {size}\r\nX-Sha256: {blob_sha256(size, seed)}\r\n".encode()
+        + (b"Connection: close\r\n" if close else b"")
+        + b"\r\n"
+    )
+    left = after
+    for chunk in blob_chunks(size, seed):
+        if left <= 0:
+            break
+        piece = chunk[:left]
+        sock.sendall(piece)
+        left -= len(piece)
+    if path == "/blob":
+        return True
+    _wait_acknowledged(sock, RESET_DRAIN_SECONDS)
+    reset(sock)
+    return False
+
+
+def _wait_acknowledged(sock: socket.socket, timeout: float) -> None:
+    """Wait until the peer's kernel acknowledged everything sent (TIOCOUTQ is 0)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        queued = fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0\0\0\0")
+        if struct.unpack("i", queued)[0] == 0:
+            return
+        time.sleep(0.002)
+
+
+def reset(sock: socket.socket) -> None:
+    """Close with SO_LINGER 0: the kernel sends a RST instead of a FIN."""
+    with contextlib.suppress(OSError):
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    sock.close()
 
 
 def _serve(raw: socket.socket, context: ssl.SSLContext, name: str) -> None:
