@@ -54,7 +54,9 @@ _PROMOTE: Final = zerocopy.PROMOTE_AFTER
 
 #: How long a reset waits for the bytes read before it to reach the other side.
 RESET_FLUSH_SECONDS: Final = 0.5
-FLUSH_POLL_SECONDS: Final = 0.005
+FLUSH_POLL_SECONDS: Final = 0.001
+FLUSH_POLL_MAX_SECONDS: Final = 0.05
+_TCP_CLOSE: Final = 7  # tcpi_state of a socket the kernel has closed (after a reset)
 
 CLIENT: Final = "client"
 BACKEND: Final = "backend"
@@ -331,12 +333,18 @@ class Pump:
         transport.unregisterProducer()  # type: ignore[attr-defined]
         transport.pauseProducing()  # type: ignore[attr-defined]
         deadline = self._clock.seconds() + RESET_FLUSH_SECONDS
+        wait = FLUSH_POLL_SECONDS
 
         def step() -> None:
+            nonlocal wait
             if not getattr(transport, "connected", False):
                 return
-            if self._unsent_to(transport) and self._clock.seconds() < deadline:
-                self._clock.callLater(FLUSH_POLL_SECONDS, step)
+            # A peer that is gone (its reset arrived, the socket is closed) will never
+            # take the rest: stop waiting for it.
+            pending = self._unsent_to(transport) and not _peer_gone(transport)
+            if pending and self._clock.seconds() < deadline:
+                self._clock.callLater(wait, step)
+                wait = min(wait * 2, FLUSH_POLL_MAX_SECONDS)
                 return
             _linger_zero(transport)
             transport.abortConnection()  # type: ignore[attr-defined]
@@ -435,6 +443,18 @@ def _unsent(transport: ITransport) -> int:
     except (AttributeError, OSError, ValueError):
         return 0
     return int(struct.unpack("i", buf)[0])
+
+
+def _peer_gone(transport: ITransport) -> bool:
+    """Whether the kernel has given up on this socket: a pending error, or TCP_CLOSE."""
+    handle = transport.getHandle() if hasattr(transport, "getHandle") else None
+    try:
+        if handle.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR):  # type: ignore[union-attr]
+            return True
+        info = handle.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 8)  # type: ignore[union-attr]
+    except (AttributeError, OSError):
+        return False
+    return bool(info) and info[0] == _TCP_CLOSE
 
 
 def _linger_zero(transport: ITransport) -> None:
