@@ -30,6 +30,8 @@ TOKEN = "fake-token"
 LAYER = gzip.compress(random.Random(7).randbytes(8000))
 LAYER_DIGEST = "sha256:" + hashlib.sha256(LAYER).hexdigest()
 IMAGE = "team/app"
+#: A ChartMuseum repository (Enterprise Edition's chart API, /api/<ns>/<repo>/charts).
+CHARTS = "team/charts"
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -69,6 +71,8 @@ class _Handler(BaseHTTPRequestHandler):
             self._send(401, b'{"errors":[]}', {"WWW-Authenticate": challenge})
         elif self.path == "/v2/":
             self._send(200, b"{}")
+        elif self.path == f"/api/{CHARTS}/charts":
+            self._send(200, b'{"app": []}')
         elif self.path == f"/v2/{IMAGE}/manifests/latest":
             manifest = {
                 "schemaVersion": 2,

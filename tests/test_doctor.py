@@ -178,3 +178,15 @@ def test_a_relay_that_is_not_there(acr: tuple[TestCA, fake_acr.FakeACR], tmp_pat
 def test_oss_endpoint_from_the_registry_name(registry: str, oss: str | None) -> None:
     """The OSS endpoint to check follows the registry's region and network."""
     assert derive_oss_endpoint(registry) == oss
+
+
+def test_chart_repository_hop(acr: tuple[TestCA, fake_acr.FakeACR], start_relay: Start) -> None:
+    """--chart checks an Enterprise chart repository's API; a missing one gets the hint."""
+    ca, server = acr
+    relay = start_relay(routes_for(server))
+    status, _, hops = doctor(relay, ca, "--chart", fake_acr.CHARTS)
+    assert status == 0 and hops["chart"]["result"] == "200 from the chart API"
+    status, _, hops = doctor(relay, ca, "--chart", "team/nothing-here")
+    assert status == 1
+    assert hops["chart"]["status"] == "failed"
+    assert "Charts component" in hops["chart"]["hint"] or "ChartMuseum" in hops["chart"]["hint"]
