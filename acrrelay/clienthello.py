@@ -195,15 +195,15 @@ class ClientHelloReader:
             return None
         if len(hs) > 4 + body_length:
             raise ClientHelloError("malformed", "handshake data follows the ClientHello")
-        fields = _parse_body(bytes(hs[4:]))
+        server_name, alpn, tls13, ech = _parse_body(bytes(hs[4:]))
         return ClientHello(
-            server_name=fields.server_name,
-            alpn=fields.alpn,
+            server_name=server_name,
+            alpn=alpn,
             size=4 + body_length,
             records=self._records,
             stream_bytes=self._consumed,
-            tls13=fields.tls13,
-            ech=fields.ech,
+            tls13=tls13,
+            ech=ech,
         )
 
 
@@ -220,111 +220,129 @@ def _sniff(first: int) -> NotTLS | None:
     return NotTLS("not a TLS handshake record")
 
 
-@attrs.frozen
-class _Fields:
-    server_name: str | None
-    alpn: tuple[str, ...]
-    tls13: bool
-    ech: bool
+def _truncated(what: str) -> ClientHelloError:
+    return ClientHelloError("malformed", f"truncated {what}")
 
 
-class _Cursor:
-    """Bounds-checked reads over one buffer; every overrun is a ClientHelloError."""
-
-    __slots__ = ("_buf", "_end", "pos")
-
-    def __init__(self, buf: bytes, start: int = 0, end: int | None = None) -> None:
-        self._buf = buf
-        self.pos = start
-        self._end = len(buf) if end is None else end
-
-    @property
-    def remaining(self) -> int:
-        return self._end - self.pos
-
-    def take(self, n: int, what: str) -> bytes:
-        if n > self.remaining:
-            raise ClientHelloError("malformed", f"truncated {what}")
-        chunk = self._buf[self.pos : self.pos + n]
-        self.pos += n
-        return chunk
-
-    def take_all(self) -> bytes:
-        return self.take(self.remaining, "vector")
-
-    def uint8(self, what: str) -> int:
-        return self.take(1, what)[0]
-
-    def uint16(self, what: str) -> int:
-        b = self.take(2, what)
-        return (b[0] << 8) | b[1]
-
-    def vector(self, length_bytes: int, what: str) -> _Cursor:
-        length = self.uint8(what) if length_bytes == 1 else self.uint16(what)
-        if length > self.remaining:
-            raise ClientHelloError("malformed", f"truncated {what}")
-        sub = _Cursor(self._buf, self.pos, self.pos + length)
-        self.pos += length
-        return sub
+def _malformed(message: str) -> ClientHelloError:
+    return ClientHelloError("malformed", message)
 
 
-def _parse_body(body: bytes) -> _Fields:
-    cur = _Cursor(body)
-    version = cur.take(2, "legacy_version")
-    if version[0] != 3:
-        raise ClientHelloError("malformed", f"ClientHello version {version[0]}.{version[1]}")
-    cur.take(32, "random")
-    session_id = cur.vector(1, "session id")
-    if session_id.remaining > 32:
-        raise ClientHelloError("malformed", "session id longer than 32 bytes")
-    suites = cur.vector(2, "cipher suites")
-    if suites.remaining == 0 or suites.remaining % 2:
-        raise ClientHelloError("malformed", "cipher suite list is empty or odd")
-    if cur.vector(1, "compression methods").remaining == 0:
-        raise ClientHelloError("malformed", "compression method list is empty")
-    if cur.remaining == 0:
+#: The fields of a hello without extensions: no SNI, no ALPN, no TLS 1.3, no ECH.
+_NO_EXTENSIONS: Final[tuple[str | None, tuple[str, ...], bool, bool]] = (None, (), False, False)
+
+
+# The parsers below walk one buffer with plain offsets rather than a cursor object: a
+# ClientHello is parsed once per connection, and method calls per field were most of
+# its cost. Every length is checked against the end of its enclosing vector before use.
+
+
+def _parse_body(body: bytes) -> tuple[str | None, tuple[str, ...], bool, bool]:
+    """(server name, ALPN, offers TLS 1.3, has ECH) from a ClientHello body."""
+    end = len(body)
+    if end < 2:
+        raise _truncated("legacy_version")
+    if body[0] != 3:
+        raise _malformed(f"ClientHello version {body[0]}.{body[1]}")
+    if end < 34:
+        raise _truncated("random")
+    pos = 34
+    if pos >= end:
+        raise _truncated("session id")
+    length = body[pos]
+    pos += 1
+    if length > end - pos:
+        raise _truncated("session id")
+    if length > 32:
+        raise _malformed("session id longer than 32 bytes")
+    pos += length
+    if end - pos < 2:
+        raise _truncated("cipher suites")
+    length = (body[pos] << 8) | body[pos + 1]
+    pos += 2
+    if length > end - pos:
+        raise _truncated("cipher suites")
+    if length == 0 or length % 2:
+        raise _malformed("cipher suite list is empty or odd")
+    pos += length
+    if pos >= end:
+        raise _truncated("compression methods")
+    length = body[pos]
+    pos += 1
+    if length > end - pos:
+        raise _truncated("compression methods")
+    if length == 0:
+        raise _malformed("compression method list is empty")
+    pos += length
+    if pos == end:
         # A hello without extensions (SSLv3 style) is well-formed but carries no SNI.
-        return _Fields(server_name=None, alpn=(), tls13=False, ech=False)
-    extensions = cur.vector(2, "extensions")
-    if cur.remaining:
-        raise ClientHelloError("malformed", "bytes after the extensions block")
+        return _NO_EXTENSIONS
+    if end - pos < 2:
+        raise _truncated("extensions")
+    length = (body[pos] << 8) | body[pos + 1]
+    pos += 2
+    if length > end - pos:
+        raise _truncated("extensions")
+    if length < end - pos:
+        raise _malformed("bytes after the extensions block")
 
     seen: set[int] = set()
     server_name: str | None = None
     alpn: tuple[str, ...] = ()
     tls13 = False
     ech = False
-    while extensions.remaining:
-        ext_type = extensions.uint16("extension type")
-        data = extensions.vector(2, "extension body")
+    while pos < end:
+        if end - pos < 2:
+            raise _truncated("extension type")
+        if end - pos < 4:
+            raise _truncated("extension body")
+        ext_type = (body[pos] << 8) | body[pos + 1]
+        length = (body[pos + 2] << 8) | body[pos + 3]
+        pos += 4
+        if length > end - pos:
+            raise _truncated("extension body")
         if ext_type in seen:
-            raise ClientHelloError("malformed", f"extension {ext_type} appears twice")
+            raise _malformed(f"extension {ext_type} appears twice")
         seen.add(ext_type)
+        start, pos = pos, pos + length
         if ext_type == _EXT_SERVER_NAME:
-            server_name = _parse_server_name(data)
+            server_name = _parse_server_name(body, start, pos)
         elif ext_type == _EXT_ALPN:
-            alpn = _parse_alpn(data)
+            alpn = _parse_alpn(body, start, pos)
         elif ext_type == _EXT_SUPPORTED_VERSIONS:
-            tls13 = _offers_tls13(data)
+            tls13 = _offers_tls13(body, start, pos)
         elif ext_type == _EXT_ENCRYPTED_CLIENT_HELLO:
             ech = True
-    return _Fields(server_name=server_name, alpn=alpn, tls13=tls13, ech=ech)
+    return server_name, alpn, tls13, ech
 
 
-def _parse_server_name(data: _Cursor) -> str | None:
-    if data.remaining == 0:
+def _vector16(body: bytes, pos: int, end: int, what: str) -> int:
+    """The end of the 2-byte-length vector at ``pos``, which must fill up to ``end``."""
+    if end - pos < 2:
+        raise _truncated(what)
+    length = (body[pos] << 8) | body[pos + 1]
+    if length > end - pos - 2:
+        raise _truncated(what)
+    return pos + 2 + length
+
+
+def _parse_server_name(body: bytes, pos: int, end: int) -> str | None:
+    if pos == end:
         # RFC 6066: a server's *reply* carries an empty extension; a client's never should.
-        raise ClientHelloError("malformed", "empty server_name extension")
-    names = data.vector(2, "server name list")
-    if data.remaining:
-        raise ClientHelloError("malformed", "bytes after the server name list")
+        raise _malformed("empty server_name extension")
+    names_end = _vector16(body, pos, end, "server name list")
+    if names_end != end:
+        raise _malformed("bytes after the server name list")
+    pos += 2
     host: str | None = None
     seen_types: set[int] = set()
-    while names.remaining:
-        name_type = names.uint8("server name type")
-        name = names.vector(2, "server name").take_all()
+    while pos < names_end:
+        name_type = body[pos]
+        name_end = _vector16(body, pos + 1, names_end, "server name")
+        name = body[pos + 3 : name_end]
+        pos = name_end
         if name_type in seen_types:
-            raise ClientHelloError("malformed", "server name list repeats a name type")
+            raise _malformed("server name list repeats a name type")
         seen_types.add(name_type)
         if name_type == 0:
             host = _decode_host_name(name)
@@ -333,31 +351,44 @@ def _parse_server_name(data: _Cursor) -> str | None:
 
 def _decode_host_name(raw: bytes) -> str:
     if not raw:
-        raise ClientHelloError("malformed", "empty host_name")
+        raise _malformed("empty host_name")
     if len(raw) > 255 or not _HOSTNAME_CHARS.issuperset(raw):
-        raise ClientHelloError("malformed", "host_name is not a DNS host name")
+        raise _malformed("host_name is not a DNS host name")
     return raw.decode("ascii").lower()
 
 
-def _parse_alpn(data: _Cursor) -> tuple[str, ...]:
-    protocols = data.vector(2, "ALPN list")
-    if data.remaining:
-        raise ClientHelloError("malformed", "bytes after the ALPN list")
+def _parse_alpn(body: bytes, pos: int, end: int) -> tuple[str, ...]:
+    list_end = _vector16(body, pos, end, "ALPN list")
+    if list_end != end:
+        raise _malformed("bytes after the ALPN list")
+    pos += 2
     out: list[str] = []
-    while protocols.remaining:
-        name = protocols.vector(1, "ALPN protocol").take_all()
-        if not name:
-            raise ClientHelloError("malformed", "empty ALPN protocol name")
-        out.append(name.decode("latin-1"))
+    while pos < list_end:
+        length = body[pos]
+        pos += 1
+        if length > list_end - pos:
+            raise _truncated("ALPN protocol")
+        if not length:
+            raise _malformed("empty ALPN protocol name")
+        out.append(body[pos : pos + length].decode("latin-1"))
+        pos += length
     if not out:
-        raise ClientHelloError("malformed", "empty ALPN list")
+        raise _malformed("empty ALPN list")
     return tuple(out)
 
 
-def _offers_tls13(data: _Cursor) -> bool:
-    versions = data.vector(1, "supported versions")
-    offered = False
-    while versions.remaining:
-        if versions.uint16("supported version") == 0x0304:
-            offered = True
-    return offered
+def _offers_tls13(body: bytes, pos: int, end: int) -> bool:
+    if pos >= end:
+        raise _truncated("supported versions")
+    length = body[pos]
+    pos += 1
+    if length > end - pos:
+        raise _truncated("supported versions")
+    versions_end = pos + length
+    if length % 2:
+        raise _truncated("supported version")
+    while pos < versions_end:
+        if body[pos] == 0x03 and body[pos + 1] == 0x04:
+            return True
+        pos += 2
+    return False
