@@ -84,17 +84,36 @@ class AddressGuard:
 
     def set_own(self, own: Iterable[tuple[IPAddress, int]]) -> None:
         """The relay's own listening (address, port) pairs: connecting there would loop."""
-        self._own = frozenset(own)
+        self._own = frozenset((self._landing(address), port) for address, port in own)
+
+    @staticmethod
+    def _landing(address: IPAddress) -> IPAddress:
+        """Where a connection to ``address`` lands, for the self-loop check.
+
+        IPv4-mapped IPv6 is the IPv4 address. Every 127.0.0.0/8 address and the
+        unspecified ones reach this host's loopback (Linux connects to ``0.0.0.0`` and
+        ``::`` as to 127.0.0.1 and ::1), where a wildcard listener answers too: all count
+        as the loopback address, which a wildcard listener's own pairs include.
+        """
+        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+            address = address.ipv4_mapped
+        if address.is_loopback or address.is_unspecified:
+            return ipaddress.ip_address("127.0.0.1" if address.version == 4 else "::1")
+        return address
 
     def refuse(self, route: Route, host: str, port: int) -> str | None:
-        """None if the route may connect to host:port, else the reason it may not."""
+        """None if the route may connect to host:port, else the reason it may not.
+
+        The relay's own addresses come first: ``allow_addresses`` opens the deny-list,
+        never a loop back into the relay.
+        """
         address = client_ip(host)
         if address is None:
             return "not an IP address"
+        if (self._landing(address), port) in self._own:
+            return "the relay itself"
         if any(address in network for network in route.allow_addresses):
             return None
-        if (address, port) in self._own:
-            return "the relay itself"
         for network in self._denied:
             if address in network:
                 return f"in {network}"

@@ -4,14 +4,18 @@ The relay forwards HTTP byte-exact; it parses only to learn where a request goes
 
 - origin-form (``GET /path``) goes to the ``Host`` header;
 - absolute-form (``GET http://host:port/path``, forward-proxy style) goes to the URI's
-  host, whatever ``Host`` says;
+  host, and a ``Host`` header, if any, must name the same host and port;
 - authority-form (``CONNECT host:port``) goes to that host and port.
 
 Because bytes pass unchanged, anything two servers could read differently is refused
 rather than forwarded: ``Content-Length`` together with ``Transfer-Encoding``, a
-transfer coding other than ``chunked``, user info in a URI.
+transfer coding other than ``chunked``, user info in a URI, an absolute URI whose
+``Host`` header names another host, an HTTP version other than 1.0 and 1.1.
 :class:`RequestFollower` then follows the later requests of a keep-alive connection,
-so that none of them can switch to another host behind the first one's back.
+so that none of them can switch to another host behind the first one's back. For the
+same reason a plain request may never switch the connection to another protocol: a
+head with ``Upgrade`` is refused (``upgrade_refused``), and so is a ``CONNECT`` after a
+plain request. Registries, token services and OSS never need either over plain HTTP.
 
 This module is pure: no reactor, no sockets.
 """
@@ -58,7 +62,8 @@ class HttpRequest:
     head_size: int
     #: The Proxy-Authorization header value, if any.
     proxy_authorization: bytes | None = None
-    #: Whether the request asks to switch protocols (Upgrade) or is a CONNECT.
+    #: Whether the request opens a tunnel: only CONNECT does, as a plain request that asks
+    #: to switch protocols (``Upgrade``) is refused.
     tunnels: bool = False
 
     @property
@@ -82,7 +87,16 @@ def _split_host(text: str, default_port: int | None) -> tuple[str, int]:
     return host, port
 
 
+def _host_key(host: str) -> str:
+    """``host`` as compared between a URI and a Host header: lower case, one trailing dot off."""
+    host = host.lower()
+    return host[:-1] if host.endswith(".") else host
+
+
 def _request_from(event: h11.Request, head_size: int) -> HttpRequest:
+    if event.http_version not in (b"1.0", b"1.1"):
+        # Only HTTP/1.x is followed here; "PRI * HTTP/2.0" would start h2 behind our back.
+        raise HttpHeadError("malformed", 400, "an HTTP version other than 1.0 and 1.1")
     method = event.method.decode("ascii")
     target = event.target.decode("ascii", "replace")
     hosts = [value for name, value in event.headers if name == b"host"]
@@ -101,11 +115,15 @@ def _request_from(event: h11.Request, head_size: int) -> HttpRequest:
     if method == "CONNECT":
         host, port = _split_host(target, None)
         return HttpRequest(method, target, host, port, False, head_size, authorization, True)
+    if upgrade:
+        # After a switch the relay could no longer follow the requests, so a later one
+        # could name any host; nothing the relay serves needs it over plain HTTP.
+        raise HttpHeadError("upgrade_refused", 403, "Upgrade is not relayed over plain HTTP")
     if target.startswith("/") or target == "*":
         if header_host is None or not header_host:
-            return HttpRequest(method, target, None, 80, False, head_size, authorization, upgrade)
+            return HttpRequest(method, target, None, 80, False, head_size, authorization)
         host, port = _split_host(header_host, 80)
-        return HttpRequest(method, target, host, port, False, head_size, authorization, upgrade)
+        return HttpRequest(method, target, host, port, False, head_size, authorization)
     # absolute-form
     try:
         url = urlsplit(target)
@@ -119,7 +137,15 @@ def _request_from(event: h11.Request, head_size: int) -> HttpRequest:
     if "@" in url.netloc:
         raise HttpHeadError("malformed", 400, "user info in the request URI")
     host, port = _split_host(url.netloc, 80)
-    return HttpRequest(method, target, host, port, True, head_size, authorization, upgrade)
+    if header_host is not None:
+        # The bytes go on unchanged, so a virtual-hosting backend would serve the Host
+        # header's site, not the URI's one that the policy checked (RFC 9112 3.2.2).
+        header = _split_host(header_host, 80) if header_host else ("", 80)
+        if (_host_key(header[0]), header[1]) != (_host_key(host), port):
+            raise HttpHeadError(
+                "malformed", 400, f"Host {header_host[:80]!r} is not the URI's {url.netloc!r}"
+            )
+    return HttpRequest(method, target, host, port, True, head_size, authorization)
 
 
 # The end of a head: the first empty line (h11 also takes bare LF endings, refused below).
@@ -140,9 +166,9 @@ class HttpHeadReader:
     """Reads one request head from bytes fed in any pieces, within ``limit`` bytes.
 
     ``feed`` returns ``NEED_MORE`` or the :class:`HttpRequest`; it raises only
-    :class:`HttpHeadError` (reasons: ``malformed``, ``too_large``), and the same
-    outcome whatever the split. It keeps the raw head (at most ``limit`` bytes plus
-    the last read) to check what h11 lets through.
+    :class:`HttpHeadError` (reasons: ``malformed``, ``too_large``, ``upgrade_refused``),
+    and the same outcome whatever the split. It keeps the raw head (at most ``limit``
+    bytes plus the last read) to check what h11 lets through.
     """
 
     def __init__(self, limit: int) -> None:
@@ -217,9 +243,10 @@ class RequestFollower:
     It continues the h11 parser that read the first head, so it knows where each body
     ends, and reads each later head with a fresh :class:`HttpHeadReader`, so every
     head meets the same checks. ``feed`` returns the request heads it completes.
-    After a request that tunnels (Upgrade or CONNECT) it stops and returns nothing
-    more: what follows is not HTTP. A malformed later head raises
-    :class:`HttpHeadError`, and the follower stays stopped.
+    A later head that would switch the connection away from HTTP (``Upgrade``, or a
+    ``CONNECT``) raises :class:`HttpHeadError` (``upgrade_refused``), as does a malformed
+    one (``malformed``, ``too_large``); either way the follower stays stopped. Only when
+    the *first* request was a CONNECT does it stop quietly: what follows is tunnel bytes.
     """
 
     def __init__(self, parser: h11.Connection, first: HttpRequest, limit: int) -> None:
@@ -250,8 +277,13 @@ class RequestFollower:
                 if outcome is NEED_MORE:
                     break
                 assert isinstance(outcome, HttpRequest)
+                if outcome.is_connect:
+                    # Were it followed by a tunnel, the relay would stop seeing requests;
+                    # were it not, a backend that refused it would read the next as HTTP.
+                    raise HttpHeadError(
+                        "upgrade_refused", 403, "a CONNECT after a plain request on one connection"
+                    )
                 found.append(outcome)
-                self._stop_at_end = outcome.tunnels
                 self._conn, self._head = self._head._conn, None
                 continue
             if pending:  # h11 reads an empty feed as the end of the stream

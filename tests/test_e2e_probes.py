@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import socket
 import ssl
+import struct
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -194,10 +195,41 @@ def _connect_head(authority: bytes) -> bytes:
     return b"CONNECT " + authority + b" HTTP/1.1\r\nHost: " + authority + b"\r\n\r\n"
 
 
+def _hello_with_empty_sni() -> bytes:
+    """A real OpenSSL ClientHello whose server_name extension lists one host_name of zero
+    length (not a hello without the extension), with every length field made right."""
+    hello = hello_with_sni(b"x")
+    assert hello[0] == 0x16 and hello[5] == 1, hello[:6]
+    body = hello[9 : 9 + int.from_bytes(hello[6:9], "big")]
+    pos = 2 + 32
+    pos += 1 + body[pos]  # session id
+    pos += 2 + int.from_bytes(body[pos : pos + 2], "big")  # cipher suites
+    pos += 1 + body[pos]  # compression methods
+    head, end = body[:pos], pos + 2 + int.from_bytes(body[pos : pos + 2], "big")
+    pos += 2
+    extensions = b""
+    found = False
+    while pos < end:
+        kind, size = struct.unpack("!HH", body[pos : pos + 4])
+        data = body[pos + 4 : pos + 4 + size]
+        pos += 4 + size
+        if kind == 0:
+            data, found = b"\x00\x03" + b"\x00" + b"\x00\x00", True  # list: host_name, ""
+        extensions += struct.pack("!HH", kind, len(data)) + data
+    assert found and pos == end == len(body)
+    body = head + struct.pack("!H", len(extensions)) + extensions
+    handshake = b"\x01" + len(body).to_bytes(3, "big") + body
+    return hello[:3] + struct.pack("!H", len(handshake)) + handshake
+
+
 NOT_ALLOWED = "refused:not_allowed"
 IP_LITERAL = "refused:ip_literal"
 MALFORMED = "refused:malformed"
 PORT_NOT_ALLOWED = "refused:port_not_allowed"
+UPGRADE_REFUSED = "refused:upgrade_refused"
+#: What the relay logs for a refused *later* request on a connection: it reports every
+#: error there as malformed (a more precise upgrade_refused would do as well).
+LATER_REFUSED = (MALFORMED, UPGRADE_REFUSED)
 
 #: Forbidden host names, each with the refusal it must get (before any port is checked).
 FORBIDDEN_HOSTS: list[tuple[bytes, str]] = [
@@ -306,6 +338,12 @@ def forbidden_probes(resolve_port: int) -> list[Probe]:
         Probe("sni", "(no SNI) + Host", FRONT, no_sni + _host_head(registry), "refused:no_sni")
     )
     probes.append(Probe("sni", "(no SNI)", TLS_RESOLVE, no_sni, "refused:no_sni"))
+    # The same with an SNI extension whose host_name is empty: refused as malformed.
+    empty_sni = _hello_with_empty_sni()
+    probes.append(
+        Probe("sni", "(empty SNI) + Host", FRONT, empty_sni + _host_head(registry), MALFORMED)
+    )
+    probes.append(Probe("sni", "(empty SNI)", TLS_RESOLVE, empty_sni, MALFORMED))
 
     # Request smuggling in one write: the second request asks for another host.
     dockerauth = DOCKERAUTH.encode()
@@ -315,16 +353,45 @@ def forbidden_probes(resolve_port: int) -> list[Probe]:
         + b"GET /name?second HTTP/1.1\r\nHost: " + dockerauth + b"\r\n\r\n"
     )  # fmt: skip
     probes.append(Probe("pipelined", DOCKERAUTH, FRONT, pipelined, switch))
-    absolute_pipelined = (
-        b"GET http://" + registry + b"/name HTTP/1.1\r\nHost: " + registry + b"\r\n\r\n"
-        + b"GET http://" + dockerauth + b"/name HTTP/1.1\r\nHost: " + registry + b"\r\n\r\n"
-    )  # fmt: skip
+    absolute_pipelined = _uri_head(registry).replace(b"close", b"keep-alive") + _uri_head(
+        dockerauth
+    )
     probes.append(Probe("pipelined", "absolute URI", FRONT, absolute_pipelined, switch))
-    connect_pipelined = (
-        b"GET /name HTTP/1.1\r\nHost: " + registry + b"\r\n\r\n"
-        + _connect_head(dockerauth + b":443")
+    # A later absolute URI for the first host, whose Host header names another one.
+    uri_and_other_host = (
+        b"GET http://" + registry + b"/name HTTP/1.1\r\nHost: " + registry + b"\r\n\r\n"
+        + b"GET http://" + registry + b"/name HTTP/1.1\r\nHost: " + dockerauth + b"\r\n\r\n"
     )  # fmt: skip
-    probes.append(Probe("pipelined", "CONNECT", FRONT, connect_pipelined, switch))
+    probes.append(
+        Probe("pipelined", "absolute URI + other Host", FRONT, uri_and_other_host, MALFORMED)
+    )
+    # A CONNECT after a plain request, to another host or to the first one's own host and
+    # port (which, unfollowed, would let the request after it through): refused either way.
+    first_get = b"GET /name HTTP/1.1\r\nHost: " + registry + b"\r\n\r\n"
+    connect_pipelined = first_get + _connect_head(dockerauth + b":443")
+    probes.append(Probe("pipelined", "CONNECT", FRONT, connect_pipelined, MALFORMED))
+    connect_same = first_get + _connect_head(registry + b":80") + _host_head(b"unknown.e2e.test")
+    probes.append(Probe("pipelined", "CONNECT same host", FRONT, connect_same, MALFORMED))
+
+    # Upgrade: refused on the Host and absolute-URI doors, alone, with a request for a
+    # forbidden host smuggled after it, and as a later request after an allowed one.
+    for upgrade in (b"Upgrade: h2c\r\nHTTP2-Settings: AAMAAABkAAQAAP__", b"Upgrade: websocket"):
+        what = upgrade.split(b"\r\n")[0].decode()
+        extra = b"\r\nConnection: Upgrade\r\n" + upgrade + b"\r\n\r\n"
+        for door, allowed, forbidden in (
+            ("host", _host_head(registry), _host_head(b"unknown.e2e.test")),
+            ("uri", _uri_head(registry), _uri_head(b"unknown.e2e.test")),
+        ):
+            with_upgrade = allowed.replace(b"\r\nConnection: close\r\n\r\n", extra)
+            assert with_upgrade != allowed
+            kept = allowed.replace(b"close", b"keep-alive")
+            probes += [
+                Probe(door, f"{what} alone", FRONT, with_upgrade, UPGRADE_REFUSED),
+                Probe(door, f"{what}, then another host", FRONT, with_upgrade + forbidden,
+                      UPGRADE_REFUSED),
+                Probe("pipelined", f"{door}: allowed, {what}, then another host", FRONT,
+                      kept + with_upgrade + forbidden, MALFORMED),
+            ]  # fmt: skip
     smuggled = b"GET /name HTTP/1.1\r\nHost: " + dockerauth + b"\r\n\r\n"
     for framing in (
         # CL.TE and TE.CL: two servers could end the body in different places.
@@ -346,6 +413,13 @@ def forbidden_probes(resolve_port: int) -> list[Probe]:
     probes.append(Probe("uri", "user info in the URI", FRONT, user_info, MALFORMED))
     https_uri = _host_head(registry, b"https://" + registry + b"/")
     probes.append(Probe("uri", "https:// URI", FRONT, https_uri, MALFORMED))
+    # An absolute URI for an allowed host whose Host header names another host or port:
+    # the bytes go on unchanged, so a virtual-hosting backend would serve Host's site.
+    for host in (dockerauth, b"unknown.e2e.test", registry + b":8080", registry + b".evil.example"):
+        mismatch = _host_head(host, b"http://" + registry + b"/name")
+        probes.append(
+            Probe("uri", f"{REGISTRY} with Host {host.decode()}", FRONT, mismatch, MALFORMED)
+        )
     return probes
 
 
@@ -473,7 +547,16 @@ def test_no_front_door_reaches_a_forbidden_target(
     # 2. Smuggling after an allowed request on a live connection: only the first request,
     # and only to the first request's backend.
     smuggled = 0
-    for trick in ("keep-alive", "keep-alive absolute URI", "pipelined late", "keep-alive port"):
+    for trick in (
+        "keep-alive",
+        "keep-alive absolute URI",
+        "pipelined late",
+        "keep-alive port",
+        "keep-alive upgrade",
+        "keep-alive upgrade absolute URI",
+        "keep-alive absolute URI, other Host",
+        "keep-alive CONNECT same host",
+    ):
         source = sources.next()
         problem = _smuggle_after_allowed(relay, backend, source, trick)
         smuggled += 1
@@ -500,7 +583,11 @@ def test_no_front_door_reaches_a_forbidden_target(
                     problem = "not exactly one connection, to its own backend"
                 if problem is not None:
                     control_failures.append(f"{door} {variant!r}: {problem}")
-    for control in (_body_that_looks_like_a_request, _uri_wins_over_host, _explicit_port_80):
+    for control in (
+        _body_that_looks_like_a_request,
+        _uri_and_host_spelled_apart,
+        _explicit_port_80,
+    ):
         problem = control(relay, backend, sources.next())
         controls += 1
         if problem is not None:
@@ -524,16 +611,43 @@ def test_no_front_door_reaches_a_forbidden_target(
 def _smuggle_after_allowed(
     relay: Relay, backend: BackendServer, source: str, trick: str
 ) -> str | None:
-    """An allowed request, then one for another host (or port) on the same connection:
-    None if the second never reached any backend and the connection was cut, else why not."""
+    """An allowed request, then one for another host (or port) on the same connection, or
+    one for the same host that would hide a third for another host (Upgrade, CONNECT, an
+    absolute URI with another Host): None if nothing after the first request reached any
+    backend and the connection was cut, else why not."""
     first_host = REGISTRY
     marker = f"/name?{source}"
+    reasons: tuple[str, ...] = ("refused:host_switch",)
+    other = f"GET {marker}-3 HTTP/1.1\r\nHost: {DOCKERAUTH}\r\n\r\n"
+    absolute = f"GET http://{REGISTRY}{marker} HTTP/1.1\r\nHost: {REGISTRY}\r\n\r\n"
     if trick == "keep-alive absolute URI":
-        first = f"GET http://{REGISTRY}{marker} HTTP/1.1\r\nHost: {REGISTRY}\r\n\r\n"
-        second = f"GET http://{DOCKERAUTH}{marker}-2 HTTP/1.1\r\nHost: {REGISTRY}\r\n\r\n"
+        first = absolute
+        second = f"GET http://{DOCKERAUTH}{marker}-2 HTTP/1.1\r\nHost: {DOCKERAUTH}\r\n\r\n"
     elif trick == "keep-alive port":
         first = f"GET {marker} HTTP/1.1\r\nHost: {REGISTRY}\r\n\r\n"
         second = f"GET {marker}-2 HTTP/1.1\r\nHost: {REGISTRY}:443\r\n\r\n"
+    elif trick == "keep-alive upgrade":
+        first = f"GET {marker} HTTP/1.1\r\nHost: {REGISTRY}\r\n\r\n"
+        second = (
+            f"GET {marker}-2 HTTP/1.1\r\nHost: {REGISTRY}\r\nConnection: Upgrade\r\n"
+            f"Upgrade: h2c\r\n\r\n{other}"
+        )
+        reasons = LATER_REFUSED
+    elif trick == "keep-alive upgrade absolute URI":
+        first = absolute
+        second = (
+            f"GET http://{REGISTRY}{marker}-2 HTTP/1.1\r\nHost: {REGISTRY}\r\n"
+            f"Upgrade: websocket\r\n\r\n{other}"
+        )
+        reasons = LATER_REFUSED
+    elif trick == "keep-alive absolute URI, other Host":
+        first = absolute
+        second = f"GET http://{REGISTRY}{marker}-2 HTTP/1.1\r\nHost: {DOCKERAUTH}\r\n\r\n"
+        reasons = LATER_REFUSED
+    elif trick == "keep-alive CONNECT same host":
+        first = f"GET {marker} HTTP/1.1\r\nHost: {REGISTRY}\r\n\r\n"
+        second = f"CONNECT {REGISTRY}:80 HTTP/1.1\r\nHost: {REGISTRY}:80\r\n\r\n{other}"
+        reasons = LATER_REFUSED
     else:
         first = f"GET {marker} HTTP/1.1\r\nHost: {first_host}\r\n\r\n"
         second = f"GET {marker}-2 HTTP/1.1\r\nHost: {DOCKERAUTH}\r\n\r\n"
@@ -567,15 +681,24 @@ def _smuggle_after_allowed(
     if backend.accepted(REGISTRY) - before_registry != 1 or backend.accepted() != before_total + 1:
         return "a second backend connection was made"
     entry = relay.wait_access(lambda e: e.get("client", "").startswith(source + ":"))[0]
-    if entry.get("close_reason") != "refused:host_switch":
-        return f"close_reason {entry.get('close_reason')!r}"
+    if entry.get("close_reason") not in reasons:
+        return f"close_reason {entry.get('close_reason')!r}, not one of {reasons}"
     return None
 
 
 def _served_once(
-    relay: Relay, backend: BackendServer, source: str, payload: bytes, name: str, target: str
+    relay: Relay,
+    backend: BackendServer,
+    source: str,
+    payload: bytes,
+    name: str,
+    target: str,
+    marker: str | None = None,
 ) -> str | None:
-    """Send one request; None if ``name``'s backend alone answered it, having seen ``target``."""
+    """Send one request; None if ``name``'s backend alone answered it, having seen ``target``.
+
+    The backend's requests are told apart by ``marker`` (by default ``source``) in their
+    targets."""
     with relay.connect(source=source, listener=FRONT, timeout=5) as sock:
         sock.sendall(payload)
         try:
@@ -585,7 +708,7 @@ def _served_once(
     if split_http(response)[:3:2] != (200, f"backend={name}\n".encode()):
         return f"got {response[:120]!r}"
     time.sleep(0.1)
-    seen = [r[:4] for r in backend.requests() if source in r[3]]
+    seen = [r[:4] for r in backend.requests() if (marker or source) in r[3]]
     if seen != [(name, "plain", payload.split(b" ")[0].decode(), target)]:
         return f"backends saw {seen}"
     return None
@@ -603,11 +726,24 @@ def _body_that_looks_like_a_request(
     return _served_once(relay, backend, source, head + body, REGISTRY, f"/name?{source}")
 
 
-def _uri_wins_over_host(relay: Relay, backend: BackendServer, source: str) -> str | None:
-    """An absolute URI is routed by its own host, whatever the Host header says."""
-    target = f"http://{REGISTRY}/name?{source}"
-    payload = f"GET {target} HTTP/1.1\r\nHost: {DOCKERAUTH}\r\nConnection: close\r\n\r\n"
-    return _served_once(relay, backend, source, payload.encode(), REGISTRY, target)
+def _uri_and_host_spelled_apart(relay: Relay, backend: BackendServer, source: str) -> str | None:
+    """An absolute URI whose Host header names the same target in another spelling (case,
+    one trailing dot, an explicit :80) is served by the URI's host. (Another host or port
+    in Host is refused: see the probes.)"""
+    spellings = [
+        (REGISTRY, f"{REGISTRY.upper()}."),
+        (f"{REGISTRY}.", REGISTRY),
+        (REGISTRY, f"{REGISTRY}:80"),
+        (f"{REGISTRY.upper()}:80", f"{REGISTRY}."),
+    ]
+    for i, (authority, host) in enumerate(spellings):
+        marker = f"{source}-{i}"
+        target = f"http://{authority}/name?{marker}"
+        payload = f"GET {target} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"
+        problem = _served_once(relay, backend, source, payload.encode(), REGISTRY, target, marker)
+        if problem is not None:
+            return f"{authority} with Host {host}: {problem}"
+    return None
 
 
 def _explicit_port_80(relay: Relay, backend: BackendServer, source: str) -> str | None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import ipaddress
 from pathlib import Path
 
 import bcrypt
@@ -12,6 +13,7 @@ from twisted.internet.address import IPv4Address
 from twisted.internet.error import ConnectionDone, ConnectionLost
 from twisted.python.failure import Failure
 
+from acrrelay.backends import DENIED_NETWORKS, AddressGuard
 from acrrelay.peek import RelayProtocol, State
 from acrrelay.proxyproto import ProxyHeaderReader, encode_v1, encode_v2
 from acrrelay.testing import client_hello_bytes
@@ -92,14 +94,54 @@ def test_http_routes_by_host_and_forwards_byte_exact() -> None:
     assert protocol.target == (REGISTRY, 80)
 
 
-def test_absolute_uri_routes_by_the_uri_host() -> None:
-    """GET http://host/… is routed by the URI's host, whatever Host says."""
+BUCKET = "bkt.oss-cn-beijing.aliyuncs.com"
+
+
+@pytest.mark.parametrize(
+    ("authority", "host_header"),
+    [
+        (BUCKET, BUCKET),
+        (BUCKET, BUCKET.upper()),
+        (BUCKET, BUCKET + "."),
+        (BUCKET + ".", BUCKET),
+        (BUCKET, BUCKET + ":80"),
+        (BUCKET.upper() + ".:80", BUCKET),
+        (BUCKET, None),
+    ],
+    ids=["same", "case", "dot-in-host", "dot-in-uri", "port-in-host", "port-in-uri", "http10"],
+)
+def test_absolute_uri_routes_by_the_uri_host(authority: str, host_header: str | None) -> None:
+    """GET http://host/… is routed by the URI's host; a Host header that spells the same
+    target (case, one trailing dot, an explicit :80) or none (HTTP/1.0) is fine, and the
+    backend gets the request byte-exact."""
     h = Harness(FRONT)
     protocol, _ = h.accept()
-    protocol.dataReceived(
-        b"GET http://bkt.oss-cn-beijing.aliyuncs.com/blob HTTP/1.1\r\nHost: evil.example\r\n\r\n"
-    )
+    version, host_line = ("1.0", "") if host_header is None else ("1.1", f"Host: {host_header}\r\n")
+    request = f"GET http://{authority}/blob HTTP/{version}\r\n{host_line}\r\n".encode()
+    protocol.dataReceived(request)
     assert [(host, port) for host, port, *_ in h.reactor.tcpClients] == [("10.2.2.2", 80)]
+    _, backend = h.connect_backend()
+    assert backend.value() == request
+
+
+@pytest.mark.parametrize(
+    "host_header",
+    ["evil.example", REGISTRY, f"{BUCKET}:8080", f"{BUCKET}.evil.example", f"x{BUCKET}", ""],
+    ids=["evil", "another-allowed-host", "another-port", "suffix", "prefix", "empty"],
+)
+def test_absolute_uri_with_another_host_header_is_refused(host_header: str) -> None:
+    """An absolute URI whose Host header names another host or port gets 400 malformed and
+    nothing connects: the bytes go on unchanged, so the backend would see that Host."""
+    h = Harness(FRONT)
+    protocol, client = h.accept()
+    protocol.dataReceived(
+        f"GET http://{BUCKET}/blob HTTP/1.1\r\nHost: {host_header}\r\n\r\n".encode()
+    )
+    assert h.reactor.tcpClients == []
+    status, _, body = response_of(client.value())
+    assert (status, body.split(b":")[1].strip()) == (400, b"malformed")
+    closed(client)
+    assert h.events[-1]["close_reason"] == "refused:malformed"
 
 
 @pytest.mark.parametrize(
@@ -121,6 +163,26 @@ def test_absolute_uri_routes_by_the_uri_host() -> None:
         ),
         (b"GET https://" + REGISTRY.encode() + b"/ HTTP/1.1\r\nHost: a\r\n\r\n", 400, "malformed"),
         (b"GET / HTTP/1.1\r\nHost: a\r\nX: " + b"x" * 20000, 431, "too_large"),
+        (
+            b"GET / HTTP/1.1\r\nHost: " + REGISTRY.encode() + b"\r\nConnection: Upgrade\r\n"
+            b"Upgrade: h2c\r\n\r\n",
+            403,
+            "upgrade_refused",
+        ),
+        (
+            b"GET http://"
+            + REGISTRY.encode()
+            + b"/ HTTP/1.1\r\nHost: "
+            + REGISTRY.encode()
+            + b"\r\nUpgrade: websocket\r\n\r\n",
+            403,
+            "upgrade_refused",
+        ),
+        (
+            b"GET http://" + REGISTRY.encode() + b"/ HTTP/1.1\r\nHost: evil.example\r\n\r\n",
+            400,
+            "malformed",
+        ),
     ],
 )
 def test_http_refusals_get_an_http_error(request_bytes: bytes, status: int, reason: str) -> None:
@@ -166,6 +228,49 @@ def test_a_later_request_for_another_host_is_cut_off() -> None:
     backend.protocol.connectionLost(Failure(ConnectionLost()))
     assert h.events[-1]["close_reason"] == "refused:host_switch"
     assert h.relay.stats.refused["host_switch"] == 1
+
+
+#: A later request that must never reach a backend: for another allowed host.
+OTHER_HOST = b"GET /c HTTP/1.1\r\nHost: " + BUCKET.encode() + b"\r\n\r\n"
+
+
+@pytest.mark.parametrize(
+    "switch",
+    [
+        b"GET /b HTTP/1.1\r\nHost: " + REGISTRY.encode() + b"\r\nUpgrade: h2c\r\n\r\n",
+        b"GET /b HTTP/1.1\r\nHost: " + REGISTRY.encode()
+        + b"\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n",
+        b"CONNECT " + REGISTRY.encode() + b":80 HTTP/1.1\r\nHost: " + REGISTRY.encode()
+        + b":80\r\n\r\n",
+        b"GET http://" + REGISTRY.encode() + b"/b HTTP/1.1\r\nHost: " + BUCKET.encode()
+        + b"\r\n\r\n",
+    ],
+    ids=["h2c", "websocket", "connect-same-host", "absolute-with-another-host"],
+)  # fmt: skip
+@pytest.mark.parametrize("when", ["first-read", "keep-alive"])
+def test_a_later_request_cannot_switch_the_connection_or_its_host(switch: bytes, when: str) -> None:
+    """After an allowed request, a request for the same host that would switch protocols
+    (Upgrade, CONNECT) or carry another Host behind its absolute URI is refused, and the
+    request for another host smuggled after it never reaches anyone."""
+    h = Harness(FRONT)
+    protocol, client = h.accept()
+    first = b"GET /a HTTP/1.1\r\nHost: " + REGISTRY.encode() + b"\r\n\r\n"
+    if when == "first-read":
+        protocol.dataReceived(first + switch + OTHER_HOST)
+        assert h.reactor.tcpClients == []
+        assert response_of(client.value())[0] == 400
+    else:
+        protocol.dataReceived(first)
+        _, backend = h.connect_backend()
+        protocol.dataReceived(switch + OTHER_HOST)
+        assert backend.value() == first  # neither is forwarded
+        assert client.disconnected and backend.disconnected
+        assert len(h.reactor.tcpClients) == 1
+        backend.protocol.connectionLost(Failure(ConnectionLost()))
+    closed(client)
+    # The relay reports every refused later request as malformed today; a more precise
+    # reason (upgrade_refused) would do as well.
+    assert h.events[-1]["close_reason"] in ("refused:malformed", "refused:upgrade_refused")
 
 
 def test_a_smuggled_request_in_the_first_read_is_refused_before_connecting() -> None:
@@ -481,16 +586,130 @@ def test_a_route_may_allow_a_denied_address() -> None:
     assert [(host, port) for host, port, *_ in h.reactor.tcpClients] == [("127.0.0.1", 80)]
 
 
+#: One address in each default network, IPv4 and IPv6 (IPv4-mapped included), with the
+#: network that must deny it.
+DENIED_EXAMPLES = [
+    ("127.0.0.1", "127.0.0.0/8"),
+    ("127.255.255.254", "127.0.0.0/8"),
+    ("::ffff:127.0.0.1", "127.0.0.0/8"),
+    ("::1", "::1/128"),
+    ("0.0.0.0", "0.0.0.0/8"),
+    ("0.1.2.3", "0.0.0.0/8"),
+    ("::", "::/128"),
+    ("169.254.169.254", "169.254.0.0/16"),
+    ("169.254.0.1", "169.254.0.0/16"),
+    ("::ffff:169.254.169.254", "169.254.0.0/16"),
+    ("fe80::1", "fe80::/10"),
+    ("febf:ffff::1", "fe80::/10"),
+    ("224.0.0.1", "224.0.0.0/4"),
+    ("239.255.255.250", "224.0.0.0/4"),
+    ("::ffff:224.0.0.251", "224.0.0.0/4"),
+    ("ff02::1", "ff00::/8"),
+    ("ff0e::fb", "ff00::/8"),
+    ("255.255.255.255", "255.255.255.255/32"),
+    ("100.100.100.200", "100.100.100.200/32"),
+    ("::ffff:100.100.100.200", "100.100.100.200/32"),
+]
+
+
+def test_every_default_network_has_a_denied_example() -> None:
+    """The examples below cover every network of DENIED_NETWORKS, and only those."""
+    assert {network for _, network in DENIED_EXAMPLES} == {str(n) for n in DENIED_NETWORKS}
+
+
+def _resolving_to(*addresses: str) -> str:
+    """FRONT, with probe.oss-cn-beijing.aliyuncs.com (a resolve route) resolving there."""
+    listed = ", ".join(f'"{address}"' for address in addresses)
+    return FRONT + f'"probe.oss-cn-beijing.aliyuncs.com" = [{listed}]\n'
+
+
+@pytest.mark.parametrize(("address", "network"), DENIED_EXAMPLES)
+def test_resolve_never_connects_into_a_default_denied_network(address: str, network: str) -> None:
+    """A resolve route whose name resolves into any default network is refused (502,
+    address_denied) before connecting, and the answer names that network."""
+    h = Harness(_resolving_to(address))
+    protocol, client = h.accept()
+    protocol.dataReceived(b"GET / HTTP/1.1\r\nHost: probe.oss-cn-beijing.aliyuncs.com\r\n\r\n")
+    assert h.reactor.tcpClients == []
+    status, _, body = response_of(client.value())
+    assert status == 502
+    shown = str(ipaddress.ip_address(address))  # as the resolver writes it
+    assert f"{shown} (in {network})" in body.decode()
+    assert h.relay.stats.backend_failures["address_denied"] == 1
+
+
+@pytest.mark.parametrize(
+    "address",
+    ["100.100.100.201", "169.253.255.255", "169.255.0.1", "223.255.255.255", "1.0.0.0",
+     "255.255.255.254", "fec0::1", "fe7f::1", "2001:db8::1"],
+)  # fmt: skip
+def test_resolve_connects_just_outside_the_deny_list(address: str) -> None:
+    """Addresses next to the denied networks are not denied: the list is no wider than it says."""
+    h = Harness(_resolving_to(address))
+    protocol, _ = h.accept()
+    protocol.dataReceived(b"GET / HTTP/1.1\r\nHost: probe.oss-cn-beijing.aliyuncs.com\r\n\r\n")
+    assert [host for host, *_ in h.reactor.tcpClients] == [address]
+
+
+def test_resolve_skips_denied_addresses_and_uses_the_rest() -> None:
+    """A name with a denied and an allowed address connects to the allowed one only."""
+    h = Harness(_resolving_to("169.254.169.254", "10.2.2.3"))
+    protocol, _ = h.accept()
+    protocol.dataReceived(b"GET / HTTP/1.1\r\nHost: probe.oss-cn-beijing.aliyuncs.com\r\n\r\n")
+    h.reactor.advance(1)  # HostnameEndpoint staggers its attempts
+    assert [host for host, *_ in h.reactor.tcpClients] == ["10.2.2.3"]
+
+
 def test_resolve_never_connects_to_the_relay_itself() -> None:
     """The relay's own listening address is denied: a self-loop."""
-    import ipaddress
-
     h = Harness(FRONT)
     h.relay.connector.guard.set_own({(ipaddress.ip_address("10.2.2.2"), 80)})
     protocol, client = h.accept()
     protocol.dataReceived(b"GET / HTTP/1.1\r\nHost: bkt.oss-cn-beijing.aliyuncs.com\r\n\r\n")
     assert h.reactor.tcpClients == []
     assert b"the relay itself" in client.value()
+
+
+def test_allow_addresses_never_allows_the_relay_itself() -> None:
+    """A route's allow_addresses opens the deny-list, not a loop: the relay's own address
+    stays refused on a route that allows its network."""
+    h = Harness(FRONT)
+    h.relay.connector.guard.set_own({(ipaddress.ip_address("127.0.0.1"), 80)})
+    protocol, client = h.accept()
+    protocol.dataReceived(b"GET / HTTP/1.1\r\nHost: allowed-loopback.example.com\r\n\r\n")
+    assert h.reactor.tcpClients == []
+    status, _, body = response_of(client.value())
+    assert status == 502 and b"127.0.0.1 (the relay itself)" in body
+    assert h.relay.stats.backend_failures["address_denied"] == 1
+
+
+@pytest.mark.parametrize(
+    ("own", "host", "port", "why"),
+    [
+        ("127.0.0.1", "127.0.0.1", 8443, "the relay itself"),
+        ("127.0.0.1", "127.0.0.2", 8443, "the relay itself"),  # any 127/8 reaches 0.0.0.0
+        ("127.0.0.1", "0.0.0.0", 8443, "the relay itself"),  # Linux connects it to loopback
+        ("127.0.0.1", "::ffff:127.0.0.1", 8443, "the relay itself"),
+        ("::1", "::", 8443, "the relay itself"),
+        ("::ffff:10.0.0.5", "10.0.0.5", 8443, "the relay itself"),
+        ("10.0.0.5", "::ffff:10.0.0.5", 8443, "the relay itself"),
+        ("10.0.0.5", "10.0.0.5", 8444, None),
+        ("10.0.0.5", "10.0.0.6", 8443, None),
+        ("127.0.0.1", "::1", 8443, None),
+    ],
+)
+def test_address_guard_own_check_comes_before_allow_addresses(
+    own: str, host: str, port: int, why: str | None
+) -> None:
+    """Every spelling of the relay's own address:port is refused on a route that allows
+    every address; other ports and addresses are not."""
+    from acrrelay.routing import Route, parse_pattern
+
+    guard = AddressGuard()
+    guard.set_own({(ipaddress.ip_address(own), 8443)})
+    everything = (ipaddress.ip_network("0.0.0.0/0"), ipaddress.ip_network("::/0"))
+    route = Route(parse_pattern("a.example.com"), "resolve", allow_addresses=everything)
+    assert guard.refuse(route, host, port) == why
 
 
 @pytest.mark.parametrize("encode", ["v1", "v2"])

@@ -99,7 +99,7 @@ def error_of(data: bytes, limit: int = LIMIT) -> HttpHeadError:
 
 SAMPLES = {
     "origin": head("GET /v2/ HTTP/1.1", f"Host: {REGISTRY}", "User-Agent: docker/24.0.7"),
-    "absolute": head(f"GET http://{OSS}:8080/b/l?Expires=1 HTTP/1.1", "Host: other.example"),
+    "absolute": head(f"GET http://{OSS}:8080/b/l?Expires=1 HTTP/1.1", f"Host: {OSS}:8080"),
     "connect": head(f"CONNECT {REGISTRY}:443 HTTP/1.1", f"Host: {REGISTRY}:443"),
     "connect_v6": head("CONNECT [2001:db8::1]:443 HTTP/1.1", "Host: [2001:db8::1]:443"),
     "options": head("OPTIONS * HTTP/1.1", "Host: [::1]:8080"),
@@ -212,9 +212,9 @@ ROUTES = [
     ("GET / HTTP/1.1", "[::1]", "::1", 80, False),
     ("GET / HTTP/1.1", "10.0.0.1:65535", "10.0.0.1", 65535, False),
     ("GET / HTTP/1.1", "Registry.CN.Example", "Registry.CN.Example", 80, False),
-    (f"GET http://{OSS}:8080/b HTTP/1.1", "evil.example", OSS, 8080, True),
-    (f"GET http://{OSS}/b?x=1 HTTP/1.1", "evil.example:9", OSS, 80, True),
-    ("GET http://[::1]:8080/ HTTP/1.1", "evil.example", "::1", 8080, True),
+    (f"GET http://{OSS}:8080/b HTTP/1.1", f"{OSS}:8080", OSS, 8080, True),
+    (f"GET http://{OSS}/b?x=1 HTTP/1.1", f"{OSS.upper()}.:80", OSS, 80, True),
+    ("GET http://[::1]:8080/ HTTP/1.1", "[::1]:8080", "::1", 8080, True),
     (f"GET HTTP://{OSS}/ HTTP/1.1", OSS, OSS, 80, True),
     (f"CONNECT {REGISTRY}:443 HTTP/1.1", "evil.example", REGISTRY, 443, False),
     ("CONNECT [2001:db8::1]:443 HTTP/1.1", "x", "2001:db8::1", 443, False),
@@ -252,11 +252,61 @@ def test_routing_target(
     assert request.head_size == len(data)
 
 
-def test_absolute_form_ignores_host() -> None:
-    """A forward-proxy request goes to the URI's host and port, whatever Host names."""
-    request = feed_pieces(head(f"GET http://{OSS}:81/x HTTP/1.1", f"Host: {REGISTRY}:8080"))
+@pytest.mark.parametrize(
+    ("authority", "host_header", "host", "port"),
+    [
+        (OSS, OSS, OSS, 80),
+        (OSS, OSS.upper(), OSS, 80),
+        (OSS, f"{OSS}.", OSS, 80),
+        (f"{OSS}.", OSS, f"{OSS}.", 80),
+        (OSS, f"{OSS}:80", OSS, 80),
+        (f"{OSS}:80", OSS, OSS, 80),
+        (f"{OSS.upper()}.:80", OSS, OSS.upper() + ".", 80),
+        (f"{OSS}:81", f"{OSS.title()}.:81", OSS, 81),
+        ("[2001:DB8::1]", "[2001:db8::1]:80", "2001:DB8::1", 80),
+    ],
+    ids=["same", "case", "dot-in-host", "dot-in-uri", "port-in-host", "port-in-uri", "all",
+         "port-81", "ipv6"],
+)  # fmt: skip
+def test_absolute_form_goes_to_the_uri_host(
+    authority: str, host_header: str, host: str, port: int
+) -> None:
+    """A forward-proxy request goes to the URI's host and port; its Host header may spell
+    the same target differently (case, one trailing dot, an explicit :80)."""
+    request = feed_pieces(head(f"GET http://{authority}/x HTTP/1.1", f"Host: {host_header}"))
     assert isinstance(request, HttpRequest)
-    assert (request.host, request.port, request.absolute) == (OSS, 81, True)
+    assert (request.host, request.port, request.absolute) == (host, port, True)
+
+
+@pytest.mark.parametrize(
+    ("authority", "host_header"),
+    [
+        (OSS, REGISTRY),
+        (OSS, "evil.example"),
+        (OSS, f"{OSS}.evil.example"),
+        (OSS, f"evil.{OSS}"),
+        (OSS, f"{OSS}.."),
+        (f"{OSS}:81", OSS),
+        (OSS, f"{OSS}:81"),
+        (f"{OSS}:8080", f"{OSS}:80"),
+        (OSS, ""),
+        ("[::1]:8080", "[::2]:8080"),
+        ("[::1]", "localhost"),
+        ("10.0.0.1", "10.0.0.2"),
+    ],
+    ids=["other-allowed", "evil", "suffix", "prefix", "two-dots", "port-in-uri",
+         "port-in-host", "other-port", "empty", "ipv6", "ipv6-vs-name", "ipv4"],
+)  # fmt: skip
+@pytest.mark.parametrize("version", ["1.1", "1.0"])
+def test_absolute_form_with_another_host_header_is_malformed(
+    authority: str, host_header: str, version: str
+) -> None:
+    """An absolute URI whose Host header names another host or port is refused (400): the
+    backend gets the bytes unchanged, and a virtual-hosting one would serve Host's site."""
+    data = head(f"GET http://{authority}/x HTTP/{version}", f"Host: {host_header}")
+    error = error_of(data)
+    assert (error.reason, error.status) == ("malformed", 400)
+    assert bytewise(data) == ("error", "malformed", 400)
 
 
 def test_http10_without_host_has_no_host() -> None:
@@ -290,19 +340,48 @@ def test_proxy_authorization_is_carried() -> None:
 @pytest.mark.parametrize(
     ("data", "tunnels"),
     [
-        (head("GET /ws HTTP/1.1", "Host: a", "Connection: Upgrade", "Upgrade: websocket"), True),
-        (head("GET / HTTP/1.1", "Host: a.example", "Upgrade: h2c"), True),
         (head("CONNECT a.example:443 HTTP/1.1", "Host: a.example:443"), True),
+        (head("CONNECT a.example:443 HTTP/1.1", "Host: a", "Upgrade: h2c"), True),
         (head("GET / HTTP/1.1", "Host: a.example", "Connection: keep-alive"), False),
+        (head("GET / HTTP/1.1", "Host: a.example", "Connection: Upgrade"), False),
         (head("POST / HTTP/1.1", "Host: a.example", "Content-Length: 0"), False),
     ],
-    ids=["websocket", "h2c", "connect", "keep-alive", "post"],
+    ids=["connect", "connect-with-upgrade", "keep-alive", "connection-upgrade-alone", "post"],
 )
 def test_tunnels(data: bytes, tunnels: bool) -> None:
-    """CONNECT and Upgrade requests tunnel; plain requests do not."""
+    """Only CONNECT tunnels (an Upgrade header changes nothing there); plain requests do not."""
     request = feed_pieces(data)
     assert isinstance(request, HttpRequest)
     assert request.tunnels is tunnels
+
+
+UPGRADES = {
+    "websocket": head("GET /ws HTTP/1.1", "Host: a", "Connection: Upgrade", "Upgrade: websocket"),
+    "h2c": head(
+        "GET / HTTP/1.1",
+        f"Host: {REGISTRY}",
+        "Connection: Upgrade, HTTP2-Settings",
+        "Upgrade: h2c",
+        "HTTP2-Settings: AAMAAABkAARAAAAAAAIAAAAA",
+    ),
+    "no-connection-header": head("GET / HTTP/1.1", f"Host: {REGISTRY}", "Upgrade: h2c"),
+    "empty-value": head("GET / HTTP/1.1", f"Host: {REGISTRY}", "Upgrade: "),
+    "upper-case-name": head("GET / HTTP/1.1", f"Host: {REGISTRY}", "UPGRADE: tls/1.2"),
+    "http10": head("GET / HTTP/1.0", f"Host: {REGISTRY}", "Upgrade: h2c"),
+    "absolute": head(f"GET http://{REGISTRY}/ HTTP/1.1", f"Host: {REGISTRY}", "Upgrade: h2c"),
+    "options": head("OPTIONS * HTTP/1.1", f"Host: {REGISTRY}", "Upgrade: h2c"),
+    "post": head("POST / HTTP/1.1", f"Host: {REGISTRY}", "Content-Length: 2", "Upgrade: h2c"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(UPGRADES))
+def test_upgrade_is_refused(name: str) -> None:
+    """A plain request that asks to switch protocols is refused (upgrade_refused, 403),
+    fed whole or bytewise: after a switch, later requests could no longer be followed."""
+    data = UPGRADES[name]
+    error = error_of(data)
+    assert (error.reason, error.status) == ("upgrade_refused", 403)
+    assert bytewise(data) == ("error", "upgrade_refused", 403)
 
 
 # ---------------------------------------------------------------------------
@@ -379,6 +458,14 @@ MALFORMED = {
     "non-ascii-method": b"G\xc3\x89T / HTTP/1.1\r\nHost: a\r\n\r\n",
     "non-ascii-header-name": b"GET / HTTP/1.1\r\nHost: a\r\nX-\xff: 1\r\n\r\n",
     "non-ascii-uri-host": b"GET http://caf\xc3\xa9.example/ HTTP/1.1\r\nHost: a\r\n\r\n",
+    # an absolute URI with a Host header for somewhere else
+    "uri-host-mismatch": head(f"GET http://{OSS}/ HTTP/1.1", "Host: evil.example"),
+    "uri-port-mismatch": head(f"GET http://{OSS}:8080/ HTTP/1.1", f"Host: {OSS}"),
+    # HTTP versions the relay does not follow (h2 prior knowledge, a future 1.x)
+    "http2-preface": b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n",
+    "http2-preface-with-host": head("PRI * HTTP/2.0", f"Host: {REGISTRY}") + b"SM\r\n\r\n",
+    "http12": head("GET / HTTP/1.2", f"Host: {REGISTRY}"),
+    "http20-connect": head(f"CONNECT {REGISTRY}:443 HTTP/2.0", f"Host: {REGISTRY}:443"),
 }
 
 
@@ -546,7 +633,7 @@ def test_follower_returns_each_later_request() -> None:
     second = get("/2", "b.example")
     assert follower.feed(second[:-1]) == []
     assert where(follower.feed(second[-1:])) == [("GET", "/2", "b.example")]
-    later = follower.feed(get(f"http://{OSS}:8080/x", "evil.example"))
+    later = follower.feed(get(f"http://{OSS}:8080/x", f"{OSS}:8080"))
     assert [(r.host, r.port, r.absolute) for r in later] == [(OSS, 8080, True)]
 
 
@@ -591,7 +678,7 @@ STREAM = (
     + post_cl("/2", "b.example", SMUGGLED)
     + post_chunked("/3", "c.example", [b"abc", SMUGGLED, b"0\r\n\r\n"])
     + head("GET /4 HTTP/1.0", "Host: d.example")
-    + get("http://e.example:81/5", "evil.example", "Connection: close")
+    + get("http://e.example:81/5", "E.Example.:81", "Connection: close")
     + get("/6", "f.example")
 )
 STREAM_WHERE = [
@@ -626,31 +713,46 @@ def test_empty_feed_is_never_end_of_stream_for_the_follower() -> None:
     assert where(found) == [("GET", "/2", "b.example"), ("GET", "/3", "c.example")]
 
 
-def test_follower_stops_after_a_later_connect() -> None:
-    """After a CONNECT the rest is tunnel bytes: nothing more is returned, nothing raised."""
-    data = get("/1", "a.example") + head("CONNECT b.example:443 HTTP/1.1", "Host: b") + TLS_START
+@pytest.mark.parametrize(
+    "later",
+    [
+        head("CONNECT b.example:443 HTTP/1.1", "Host: b") + TLS_START,
+        # The first request's own host and port: a backend that refuses the CONNECT and
+        # keeps the connection would read the next request, unfollowed, as HTTP.
+        head("CONNECT a.example:80 HTTP/1.1", "Host: a.example:80") + get("/x", "evil.example"),
+    ],
+    ids=["other-host", "same-host"],
+)
+def test_follower_refuses_a_later_connect(later: bytes) -> None:
+    """A CONNECT after a plain request is refused (upgrade_refused, 403) in any split, and
+    nothing after it is reported."""
+    data = get("/1", "a.example") + later
+    for cuts in ([], [len(data) - len(later)], range(1, len(data))):
+        with pytest.raises(HttpHeadError) as info:
+            follow(data, cuts)
+        assert (info.value.reason, info.value.status) == ("upgrade_refused", 403)
     reader = HttpHeadReader(LIMIT)
     reader.feed(data)
     follower = reader.follower()
-    found = follower.feed(b"")
-    assert [(r.method, r.host, r.port, r.tunnels) for r in found] == [
-        ("CONNECT", "b.example", 443, True)
-    ]
-    assert follower.feed(get("/x", "evil.example")) == []
-    assert follower.feed(b"\x00\xff garbage\r\n\r\n") == []
+    with pytest.raises(HttpHeadError):
+        follower.feed(b"")
+    assert follower.feed(get("/y", "evil.example")) == []
     assert follower.feed(b"") == []
 
 
-@pytest.mark.parametrize(
-    "first",
-    [
-        head("CONNECT a.example:443 HTTP/1.1", "Host: a.example:443"),
-        get("/ws", "a.example", "Connection: Upgrade", "Upgrade: websocket"),
-    ],
-    ids=["connect", "upgrade"],
-)
-def test_follower_stops_after_a_tunnelling_first_request(first: bytes) -> None:
-    """When the first request tunnels, what follows it is never read as HTTP."""
+def test_a_first_upgrade_request_gets_no_follower() -> None:
+    """An Upgrade first request is refused by the reader, so nothing is ever followed."""
+    reader = HttpHeadReader(LIMIT)
+    with pytest.raises(HttpHeadError) as info:
+        reader.feed(get("/ws", "a.example", "Upgrade: websocket") + get("/2", "evil.example"))
+    assert info.value.reason == "upgrade_refused"
+    with pytest.raises(RuntimeError):
+        reader.follower()
+
+
+def test_follower_stops_after_a_connect_first_request() -> None:
+    """When the first request is a CONNECT, what follows it is never read as HTTP."""
+    first = head("CONNECT a.example:443 HTTP/1.1", "Host: a.example:443")
     after = get("/2", "evil.example") + TLS_START
     for offset in range(1, len(first) + len(after)):
         _, later = follow(first + after, [offset])
@@ -663,11 +765,17 @@ def test_follower_stops_after_a_tunnelling_first_request(first: bytes) -> None:
     assert follower.feed(get("/3", "evil.example")) == []
 
 
-def test_follower_stops_after_a_later_upgrade() -> None:
-    """A later Upgrade request is returned, flagged as tunnelling, and ends the following."""
-    data = get("/1", "a.example") + get("/2", "b.example", "Upgrade: h2c") + get("/3", "c")
-    _, later = follow(data)
-    assert [(r.target, r.tunnels) for r in later] == [("/2", True)]
+@pytest.mark.parametrize("name", sorted(UPGRADES))
+def test_follower_refuses_a_later_upgrade(name: str) -> None:
+    """A later request that asks to switch protocols, even for the first request's own
+    host, is refused (upgrade_refused, 403) in any split, so the request smuggled after it
+    (for another host) is never passed unseen."""
+    upgrade = UPGRADES[name]
+    data = get("/1", "a") + upgrade + get("/3", "evil.example")
+    for cuts in ([], [len(data) - len(upgrade)], range(1, len(data))):
+        with pytest.raises(HttpHeadError) as info:
+            follow(data, cuts)
+        assert (info.value.reason, info.value.status) == ("upgrade_refused", 403)
 
 
 @pytest.mark.parametrize(
@@ -681,9 +789,13 @@ def test_follower_stops_after_a_later_upgrade() -> None:
         head("GET / HTTP/1.1", "Host: b", "Host: evil.example"),
         head("GET / HTTP/1.1"),
         head("GET / HTTP/1.1", "Host: b:0"),
+        head(f"GET http://{OSS}/ HTTP/1.1", "Host: evil.example"),
+        head(f"GET http://{OSS}/ HTTP/1.1", f"Host: {OSS}:8080"),
+        head("PRI * HTTP/2.0", "Host: a"),
     ],
-    ids=["garbage", "cl-te", "te-gzip", "https", "userinfo", "two-hosts", "no-host", "port-0"],
-)
+    ids=["garbage", "cl-te", "te-gzip", "https", "userinfo", "two-hosts", "no-host", "port-0",
+         "uri-host-mismatch", "uri-port-mismatch", "http2"],
+)  # fmt: skip
 def test_follower_raises_for_a_malformed_later_request(later: bytes) -> None:
     """A malformed later request raises HttpHeadError (malformed, 400), in any split."""
     data = get("/1", "a.example") + later
@@ -695,8 +807,13 @@ def test_follower_raises_for_a_malformed_later_request(later: bytes) -> None:
 
 @pytest.mark.parametrize(
     "later",
-    [b"NOT HTTP AT ALL\r\n\r\n", head(f"GET https://{REGISTRY}/ HTTP/1.1", f"Host: {REGISTRY}")],
-    ids=["h11-error", "routing-error"],
+    [
+        b"NOT HTTP AT ALL\r\n\r\n",
+        head(f"GET https://{REGISTRY}/ HTTP/1.1", f"Host: {REGISTRY}"),
+        get("/2", "a.example", "Upgrade: h2c"),
+        head("CONNECT a.example:80 HTTP/1.1", "Host: a.example:80"),
+    ],
+    ids=["h11-error", "routing-error", "upgrade", "connect"],
 )
 def test_follower_stays_stopped_after_an_error(later: bytes) -> None:
     """Once a later request was refused, the follower reports no further requests."""

@@ -2,18 +2,23 @@
 
 from __future__ import annotations
 
+import ipaddress
 import subprocess
 import sys
 import textwrap
 
 import pytest
 from twisted.application.service import IServiceMaker
+from twisted.internet.address import IPv4Address
 from twisted.internet.error import CannotListenError
 from twisted.internet.testing import MemoryReactorClock, RaisingMemoryReactor
 from twisted.plugin import getPlugins
 
 from acrrelay import ListenError, RelayFactory, make_relay_service, parse_config
+from acrrelay.routing import Route, parse_pattern
+from acrrelay.service import local_addresses
 from acrrelay.tap import Options, makeService
+from tests.doubles import Events, PipeEnd
 
 CONFIG = """
 [[listen]]
@@ -175,3 +180,65 @@ def test_listeners_get_a_deep_backlog_unless_they_set_one() -> None:
     )
     make_relay_service(config, reactor).startService()
     assert [backlog for _, _, backlog, _ in reactor.tcpServers] == [4096, 100]
+
+
+SELF_LOOP = """
+[[listen]]
+endpoint = "tcp:18080"
+protocols = ["http"]
+[[route]]
+name = "self.example.com"
+backend = "resolve"
+ports = [18080, 18081]
+allow_addresses = ["127.0.0.0/8"]
+[resolver.hosts]
+"self.example.com" = "127.0.0.1"
+"""
+
+
+def _http_request_to(factory: RelayFactory, host: str) -> PipeEnd:
+    """Accept one connection on ``factory`` and send it a plain GET for ``host``."""
+    protocol = factory.buildProtocol(IPv4Address("TCP", "192.0.2.7", 40000))
+    assert protocol is not None
+    transport = PipeEnd()
+    transport.protocol = protocol
+    protocol.makeConnection(transport)
+    protocol.dataReceived(f"GET / HTTP/1.1\r\nHost: {host}\r\n\r\n".encode())
+    return transport
+
+
+def test_the_service_denies_its_own_listening_address_to_resolve() -> None:
+    """make_relay_service fills in the guard's own addresses from the bound listeners: a
+    resolve route that allows loopback still may not reach the relay's own (wildcard)
+    listener at 127.0.0.1:18080 (address_denied), while the next port connects."""
+    reactor = MemoryReactorClock()
+    service = make_relay_service(parse_config(SELF_LOOP), reactor, access_observer=Events())
+    service.startService()
+    [(port, factory, _, interface)] = reactor.tcpServers
+    assert (port, interface) == (18080, "")
+    assert isinstance(factory, RelayFactory)
+
+    client = _http_request_to(factory, "self.example.com:18080")
+    assert reactor.tcpClients == []
+    assert client.value().startswith(b"HTTP/1.1 502 ")
+    assert b"address_denied" in client.value()
+    assert b"127.0.0.1 (the relay itself)" in client.value()
+    assert service.relay.stats.backend_failures["address_denied"] == 1
+
+    _http_request_to(factory, "self.example.com:18081")
+    assert [(host, port) for host, port, *_ in reactor.tcpClients] == [("127.0.0.1", 18081)]
+
+
+def test_a_wildcard_listener_is_the_relay_on_every_interface() -> None:
+    """For a tcp:PORT listener, every address of every interface (127.0.0.1 among them) at
+    that port is the relay itself, whatever a route allows; other ports are not."""
+    service = make_relay_service(parse_config(SELF_LOOP), MemoryReactorClock())
+    service.startService()
+    guard = service.relay.connector.guard
+    everything = (ipaddress.ip_network("0.0.0.0/0"), ipaddress.ip_network("::/0"))
+    route = Route(parse_pattern("a.example.com"), "resolve", allow_addresses=everything)
+    interfaces = local_addresses()
+    assert ipaddress.ip_address("127.0.0.1") in interfaces
+    for address in interfaces:
+        assert guard.refuse(route, str(address), 18080) == "the relay itself", address
+        assert guard.refuse(route, str(address), 18082) is None, address
