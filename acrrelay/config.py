@@ -532,8 +532,16 @@ def _read_document(path: str) -> dict[str, Any]:
         raise ConfigError(path, "", "permission denied") from None
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(path, "", f"not valid TOML: {e}") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(path, "", _not_utf8(e)) from None
     except OSError as e:
         raise ConfigError(path, "", f"cannot read: {e.strerror or e}") from None
+
+
+def _not_utf8(e: UnicodeDecodeError) -> str:
+    """Where a TOML file stops being UTF-8 (TOML files must be), by byte and line."""
+    line = e.object[: e.start].count(b"\n") + 1
+    return f"not UTF-8 at byte {e.start} (line {line}): {e.reason}; TOML files must be UTF-8"
 
 
 def load_config(path: str | None = None, overlay: Overlay | None = None) -> RelayConfig:

@@ -18,7 +18,9 @@ endpoint and the reason; nothing is left half-bound.
 from __future__ import annotations
 
 import ipaddress
+import re
 import resource
+import socket
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Final
 
@@ -50,6 +52,14 @@ __all__ = ["ListenError", "RelayService", "make_relay_service", "raise_fd_limit"
 #: (an eighth of the limit, between 16 and 64).
 FD_RESERVE_MIN: Final = 16
 FD_RESERVE_MAX: Final = 64
+
+#: While draining, how often the connections still open are logged, and how many by name.
+DRAIN_REPORT_EVERY: Final = 10.0
+DRAIN_REPORT_NAMES: Final = 10
+
+#: Why a reload is refused while draining: the listeners are closed for good by then, and a
+#: reload would bind added ones again and accept on them.
+RELOAD_WHILE_DRAINING: Final = "draining: a relay that is stopping takes no new configuration"
 
 
 def raise_fd_limit() -> int:
@@ -171,6 +181,8 @@ class RelayService(MultiService):
         """Re-read the configuration and apply it; a summary of what changed, or why not."""
         if self.config_loader is None:
             return "reload: this relay was given a configuration, not a file to read again"
+        if self.draining:
+            return self._reload_failed(RELOAD_WHILE_DRAINING)
         try:
             config = self.config_loader()
         except ConfigError as e:
@@ -178,7 +190,11 @@ class RelayService(MultiService):
         return self.apply(config)
 
     def apply(self, config: RelayConfig) -> str:
-        """Use ``config`` for new connections; established ones are not touched."""
+        """Use ``config`` for new connections; established ones are not touched.
+
+        Refused while draining: nothing is bound and the old configuration stays."""
+        if self.draining:
+            return self._reload_failed(RELOAD_WHILE_DRAINING)
         old = self.config
         old_endpoints = {listener.endpoint for listener in old.listeners}
         new_endpoints = {listener.endpoint for listener in config.listeners}
@@ -238,10 +254,11 @@ class RelayService(MultiService):
 
     def cut_now(self) -> None:
         """Cut every connection at once, each logged (a second stop signal while draining)."""
+        now = self.reactor.seconds()
         for connection in list(self.relay.connections.values()):
             self._log.warn(
                 "cutting {id} {client} -> {target} now ({up} up, {down} down, {state})",
-                **_connection_fields(connection),
+                **_connection_fields(connection, now),
             )
             connection.kill("drained")
 
@@ -265,7 +282,7 @@ class RelayService(MultiService):
                 count=len(relay.connections),
                 deadline=format_duration(deadline),
             )
-        state = {"next_report": started + 10.0, "cut_at": None}
+        state = {"next_report": started + DRAIN_REPORT_EVERY, "cut_at": None}
 
         def check() -> None:
             now = self.reactor.seconds()
@@ -280,18 +297,19 @@ class RelayService(MultiService):
                     self._log.warn(
                         "drain deadline: cutting {id} {client} -> {target} "
                         "({up} up, {down} down, {state})",
-                        **_connection_fields(connection),
+                        **_connection_fields(connection, now),
                     )
                     connection.kill("drained")
             elif state["cut_at"] is not None and now - state["cut_at"] > 5:
                 done.callback(None)  # cut connections that will not even close
                 return
             elif now >= state["next_report"]:
-                state["next_report"] = now + 10.0
+                state["next_report"] = now + DRAIN_REPORT_EVERY
                 self._log.info(
-                    "draining: {count} connections left, {left} to go",
+                    "draining: {count} connections left, {left} to go: {remaining}",
                     count=len(relay.connections),
                     left=format_duration(max(0.0, deadline - (now - started))),
+                    remaining=describe_remaining(relay.connections.values(), now),
                 )
             self.reactor.callLater(0.1, check)
 
@@ -396,10 +414,14 @@ class RelayService(MultiService):
         result = outcome[0]
         if isinstance(result, Failure):
             raise ListenError(f"cannot listen on {description}: {_why(result)}")
+        mismatch = _adopted_family_mismatch(description, result)
+        if mismatch is not None:
+            result.stopListening()
+            raise ListenError(f"cannot listen on {description}: {mismatch}")
         return result
 
 
-def _connection_fields(connection: Any) -> dict[str, Any]:
+def _connection_fields(connection: Any, now: float) -> dict[str, Any]:
     pump = connection.pump
     target = connection.target
     return {
@@ -408,8 +430,25 @@ def _connection_fields(connection: Any) -> dict[str, Any]:
         "target": f"{target[0]}:{target[1]}" if target else "-",
         "up": pump.bytes_up if pump else 0,
         "down": pump.bytes_down if pump else 0,
+        "age": format_duration(round(now - connection.started)),
         "state": connection.state.value,
     }
+
+
+def describe_remaining(
+    connections: Iterable[Any], now: float, limit: int = DRAIN_REPORT_NAMES
+) -> str:
+    """The connections a drain still waits for, oldest id first: the first ``limit`` by
+    name (id, client -> target, bytes each way, age), the rest as a count."""
+    ordered = sorted(connections, key=lambda connection: connection.id)
+    shown = [
+        "{id} {client} -> {target} ({up} up, {down} down, {age})".format(
+            **_connection_fields(connection, now)
+        )
+        for connection in ordered[:limit]
+    ]
+    rest = len(ordered) - len(shown)
+    return "; ".join(shown) + (f" and {rest} more" if rest > 0 else "")
 
 
 def describe_changes(old: RelayConfig, new: RelayConfig) -> str:
@@ -478,6 +517,39 @@ def _own_endpoints(
         else:
             own.add((ip, port))
     return own
+
+
+_DOMAIN: Final = re.compile(r"(?:^|:)domain=([A-Za-z0-9]+)(?::|$)")
+
+
+def _adopted_family_mismatch(description: str, port: Any) -> str | None:
+    """Why an inherited ``systemd:`` socket does not match its ``domain=``, or None.
+
+    Twisted believes ``domain=``: an IPv6 socket adopted as INET reads every peer address
+    as garbage, and the client ACLs, per-client limits and logs with it. systemd makes an
+    IPv6 (dual-stack) socket for a bare ``ListenStream=443``, so this is an easy mistake.
+    """
+    if not description.startswith("systemd:"):
+        return None
+    declared = _DOMAIN.search(description)
+    sock = getattr(port, "socket", None)
+    option = getattr(socket, "SO_DOMAIN", None)  # Linux; elsewhere, trust the string
+    if declared is None or sock is None or option is None:
+        return None
+    actual = sock.getsockopt(socket.SOL_SOCKET, option)
+    if actual == getattr(socket, f"AF_{declared.group(1)}", None):
+        return None
+    try:
+        actual_domain = socket.AddressFamily(actual).name.removeprefix("AF_")
+    except ValueError:
+        actual_domain = str(actual)
+    why = (
+        f"the socket systemd passed is {actual_domain}, not {declared.group(1)}, and Twisted "
+        f"reads client addresses by domain=: write domain={actual_domain}"
+    )
+    if actual_domain == "INET6" and declared.group(1) == "INET":
+        why += ", or ListenStream=0.0.0.0:PORT in the .socket unit for an IPv4 socket"
+    return why
 
 
 def _why(failure: Failure) -> str:

@@ -189,6 +189,22 @@ def test_users_file_needs_bcrypt_hashes(tmp_path: Path) -> None:
     assert "htpasswd -nbB USER PASSWORD" in result.stderr
 
 
+def test_a_file_that_is_not_utf8_is_one_line_naming_the_byte(tmp_path: Path) -> None:
+    """A config file that is not UTF-8 (a Latin-1 comment, say) is one line naming the file,
+    the byte and its line, and a non-zero exit, not a traceback."""
+    path = tmp_path / "relay.toml"
+    text = MINIMAL.encode() + "# café\n".encode("latin-1")
+    path.write_bytes(text)
+    result = run_check(path)
+    assert result.returncode == 1, result
+    assert result.stdout == ""
+    byte = text.index(b"\xe9")
+    assert result.stderr == (
+        f"acrrelay: {path}: not UTF-8 at byte {byte} (line {MINIMAL.count(chr(10)) + 1}): "
+        "invalid continuation byte; TOML files must be UTF-8\n"
+    ), result.stderr
+
+
 def test_missing_file(tmp_path: Path) -> None:
     """A missing file is one line naming it, and a non-zero exit."""
     result = run_check(tmp_path / "nope.toml")

@@ -91,6 +91,32 @@ def _connection_rows(text: str) -> list[dict[str, str]]:
     return rows
 
 
+#: relay.connections() shows bytes as admin.shell.human_bytes does: "517", "1.5K", "4.1M".
+HUMAN_BYTES = re.compile(r"(\d+(?:\.\d)?)([KMGT]?)")
+
+
+def _shown_bytes(text: str) -> tuple[float, float]:
+    """A byte count as the table shows it: (value, how far off the rounding may be)."""
+    m = HUMAN_BYTES.fullmatch(text)
+    assert m, f"not a byte count: {text!r}"
+    unit = 1024 ** " KMGT".index(m.group(2) or " ")
+    return float(m.group(1)) * unit, (0.05 * unit if m.group(2) else 0.0)
+
+
+def _held_row(admin_keys: AdminKeys, port: int, client: str) -> tuple[str, dict[str, str]]:
+    """``relay.connections()`` over ssh, and ``client``'s row, once back-pressure holds its
+    backend (the reader stands still; the relay's buffers take a moment to fill)."""
+    deadline = time.monotonic() + 15
+    while True:
+        shown = admin_keys.ssh(port, "relay.connections()")
+        assert shown.returncode == 0, shown
+        rows = [r for r in _connection_rows(shown.stdout) if r["client"] == client]
+        assert len(rows) == 1, shown.stdout
+        if rows[0]["paused"] == "backend" or time.monotonic() > deadline:
+            return shown.stdout, rows[0]
+        time.sleep(0.2)
+
+
 # ---------------------------------------------------------------- gated downloads
 
 
@@ -380,30 +406,43 @@ def test_ssh_command_lists_a_live_transfer_and_kill_cuts_it(
     tmp_path: Path,
 ) -> None:
     """``ssh admin@relay 'relay.connections()'`` shows a live download (id, target,
-    splicing) and ``relay.kill(ID)`` cuts it: the client gets less than Content-Length and
-    the access log says killed; an expression that raises makes ssh exit 1."""
-    relay = start_relay(_routes(backend), admin=admin_keys.admin(tmp_path / "state" / "host_key"))
+    splicing, its bytes each way growing as the client reads, and its backend paused while
+    the reader stands still) and ``relay.kill(ID)`` cuts it: the client gets less than
+    Content-Length and the access log says killed; ``relay.reload()`` prints what changed
+    and applies it; an expression that raises makes ssh exit 1."""
+    admin = admin_keys.admin(tmp_path / "state" / "host_key")
+    relay = start_relay(_routes(backend), admin=admin)
     assert relay.ssh_port is not None
-    with _gated(relay, test_ca, BUCKET, 256 * MiB, 71, [4 * MiB], rcvbuf=64 * 1024) as download:
+    stops = [4 * MiB, 16 * MiB]
+    with _gated(relay, test_ca, BUCKET, 256 * MiB, 71, stops, rcvbuf=64 * 1024) as download:
+        client = _address(download.local)
         download.wait_stop(0)
-        shown = admin_keys.ssh(relay.ssh_port, "relay.connections()")
-        print(f"\nrelay.connections() over ssh:\n{shown.stdout}")
-        assert shown.returncode == 0, shown
-        rows = [
-            r for r in _connection_rows(shown.stdout) if r["client"] == _address(download.local)
-        ]
-        assert len(rows) == 1, shown.stdout
-        row = rows[0]
+        shown, row = _held_row(admin_keys, relay.ssh_port, client)
+        print(f"\nrelay.connections() over ssh:\n{shown}")
         assert row["target"] == f"{BUCKET}:443" and row["route"] == BUCKET, row
         assert row["door"] == "tls" and row["state"] == "splicing", row
         assert row["backend"] == f"127.0.0.1:{backend.ports[BUCKET]}", row
-        assert shown.stdout.endswith("1 connection(s)\n"), shown.stdout
+        assert row["paused"] == "backend", f"the reader stands still: {row}"
+        assert shown.endswith("1 connection(s)\n"), shown
+        # DOWN counts TLS records, so at least the body the client has read.
+        down, off = _shown_bytes(row["down"])
+        assert down + off >= stops[0], row
+
+        # The reader moves on by 12 MiB and stands still again: DOWN grew, past what the
+        # client has now read. (By how much depends on how much the kernel buffers: the
+        # relay's send buffer sizes itself.)
+        download.release(0)
+        download.wait_stop(1)
+        later, again = _held_row(admin_keys, relay.ssh_port, client)
+        assert again["id"] == row["id"] and again["paused"] == "backend", later
+        down_later, off_later = _shown_bytes(again["down"])
+        print(f"DOWN {row['down']} then {again['down']}; UP {row['up']} then {again['up']}")
+        assert down_later + off_later >= stops[1], again
+        assert down_later - off_later > down + off, (row, again)
 
         killed = admin_keys.ssh(relay.ssh_port, f"relay.kill({row['id']})")
         assert killed.returncode == 0, killed
-        assert killed.stdout == (
-            f"killed {row['id']} ({_address(download.local)} -> {BUCKET}:443)\n"
-        ), killed.stdout
+        assert killed.stdout == f"killed {row['id']} ({client} -> {BUCKET}:443)\n", killed.stdout
         download.finish(timeout=20)
     _assert_cut(download)
     print(f"killed after {download.received / MiB:.1f} of {download.size / MiB:.0f} MiB")
@@ -411,11 +450,32 @@ def test_ssh_command_lists_a_live_transfer_and_kill_cuts_it(
     entry = relay.access_for(download.local)
     assert entry["close_reason"] == "killed" and entry["closed_first"] == "relay", str(entry)
     assert entry["id"] == int(row["id"]), str(entry)
+    # UP was the ClientHello, the rest of the handshake and the request: all sent before the
+    # first listing, so it shows what the access log counted, and at least the hello.
+    up, off = _shown_bytes(row["up"])
+    assert again["up"] == row["up"], (row, again)
+    assert up + off >= entry["hello_bytes"] > 0, (row, entry)
+    assert abs(up - entry["bytes_up"]) <= off, (row, entry)
+    assert down_later - off_later <= entry["bytes_down"], (again, entry)
 
     after = admin_keys.ssh(relay.ssh_port, "relay.connections()")
     assert (after.returncode, after.stdout) == (0, "0 connection(s)\n"), after
     raised = admin_keys.ssh(relay.ssh_port, "relay.kill()")
     assert raised.returncode == 1 and "TypeError" in raised.stdout, raised
+
+    # relay.reload() typed over ssh: the summary, then the route is gone for new connections.
+    relay.write_config(_routes(backend, [REGISTRY, BUCKET]), admin=admin)
+    reloaded = admin_keys.ssh(relay.ssh_port, "relay.reload()")
+    print(f"relay.reload() over ssh: {reloaded.stdout.strip()}")
+    assert reloaded.returncode == 0, reloaded
+    assert reloaded.stdout == (
+        f"reloaded {relay.config_path}: routes +0 -1 ~0 (now 2); listeners +0 -0; "
+        f"removed: {DOCKERAUTH}\n"
+    ), reloaded.stdout
+    _assert_refused_not_allowed(relay, DOCKERAUTH)
+    assert _get_name(relay, test_ca, REGISTRY) == f"backend={REGISTRY}\n".encode()
+    stats = admin_keys.ssh(relay.ssh_port, "relay.stats()")
+    assert "reloads       1 ok, 0 failed" in stats.stdout, stats
 
 
 def test_interactive_manhole_on_a_pty_lists_and_kills(
@@ -432,6 +492,10 @@ def test_interactive_manhole_on_a_pty_lists_and_kills(
     command = [*admin_keys.ssh_args(relay.ssh_port), "-tt", "admin@127.0.0.1"]
     with _gated(relay, test_ca, BUCKET, 256 * MiB, 72, [4 * MiB], rcvbuf=64 * 1024) as download:
         download.wait_stop(0)
+        # Wait (over a plain ssh command) until back-pressure holds the backend, so the table
+        # typed below has settled.
+        _, held = _held_row(admin_keys, relay.ssh_port, _address(download.local))
+        assert held["paused"] == "backend", held
         session = PtySession(command, admin_keys.home)
         try:
             session.expect(">>> ", timeout=15)
@@ -442,6 +506,9 @@ def test_interactive_manhole_on_a_pty_lists_and_kills(
             assert len(rows) == 1, table
             row = rows[0]
             assert row["target"] == f"{BUCKET}:443" and row["state"] == "splicing", row
+            assert row["paused"] == "backend" and row["down"] == held["down"], (row, held)
+            down, off = _shown_bytes(row["down"])
+            assert down + off >= 4 * MiB, row
             session.expect(">>> ", timeout=10)
             session.send(f"relay.kill({row['id']})\r")
             session.expect(rf"killed {row['id']} \({re.escape(_address(download.local))} -> ")
@@ -454,6 +521,11 @@ def test_interactive_manhole_on_a_pty_lists_and_kills(
     _assert_cut(download)
     entry = relay.access_for(download.local)
     assert entry["close_reason"] == "killed" and entry["id"] == int(row["id"]), str(entry)
+    up, off = _shown_bytes(row["up"])
+    assert up + off >= entry["hello_bytes"] > 0 and abs(up - entry["bytes_up"]) <= off, (
+        row,
+        entry,
+    )
 
 
 def test_interactive_manhole_exits_0_on_ctrl_d(
@@ -676,6 +748,41 @@ def test_reload_under_load_adds_and_removes_routes_and_rejects_a_broken_config(
     assert scrape.value("acrrelay_reloads_total", result="ok") == 2, scrape.text
     assert scrape.value("acrrelay_reloads_total", result="failed") == 1, scrape.text
     assert relay.alive()
+
+
+def test_a_listener_removed_by_reload_closes_while_its_transfer_finishes(
+    test_ca: TestCA,
+    backend: BackendServer,
+    start_relay: Callable[..., Relay],
+) -> None:
+    """A reload that removes a listener closes its port (a new connection there is refused)
+    while a download that came in through it before the reload ends with the same sha256;
+    the listener kept keeps serving."""
+    first = {"endpoint": "tcp:0:interface=127.0.0.1", "name": "e2e"}
+    second_port = free_port()
+    second = {"endpoint": f"tcp:{second_port}:interface=127.0.0.1", "name": "second"}
+    relay = start_relay(_routes(backend), listeners=[first, second])
+    assert relay.ports["second"] == second_port
+    size = 64 * MiB
+    with _gated(relay, test_ca, BUCKET, size, 6401, [8 * MiB], listener="second") as download:
+        download.wait_stop(0)
+        relay.write_config(_routes(backend), listeners=[first])
+        said = relay.reload()
+        print(f"\nreload removing a listener: {said}")
+        assert said.startswith("reloaded ") and "listeners +0 -1" in said, said
+        # The port closes on the reactor's next turn after the reload line.
+        _wait_not_listening(second_port)
+        with pytest.raises(ConnectionRefusedError):
+            socket.create_connection(("127.0.0.1", second_port), timeout=5).close()
+        assert _get_name(relay, test_ca, REGISTRY, "e2e") == f"backend={REGISTRY}\n".encode()
+        assert all(e.get("client") != _address(download.local) for e in relay.access_entries()), (
+            "the download ended before the reload"
+        )
+        download.finish(timeout=60)
+    assert download.error is None, repr(download.error)
+    assert download.received == size and download.complete, "the body differs from what was sent"
+    entry = relay.access_for(download.local)
+    assert entry["listener"] == "second" and entry["close_reason"] == "done", str(entry)
 
 
 # ================================================================ 3. drain

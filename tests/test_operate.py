@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import stat
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,7 @@ from twisted.conch.ssh import keys
 from twisted.internet.address import IPv4Address
 from twisted.internet.error import CannotListenError, ConnectionDone, ConnectionLost
 from twisted.internet.testing import MemoryReactorClock
+from twisted.logger import Logger, formatEvent
 from twisted.python.failure import Failure
 
 from acrrelay import make_relay_service, parse_config
@@ -26,8 +28,8 @@ from acrrelay.admin.ssh import (
     read_authorized_keys,
     run_command,
 )
-from acrrelay.config import ConfigError, RelayConfig
-from acrrelay.service import RelayService, describe_changes
+from acrrelay.config import ConfigError, RelayConfig, load_config
+from acrrelay.service import RelayService, _adopted_family_mismatch, describe_changes
 from acrrelay.testing import alert_description, client_hello_bytes
 from tests.doubles import Events, PipeEnd
 
@@ -45,17 +47,35 @@ backend = "tcp:host=10.1.1.1:port=443"
 """
 
 
+class Port:
+    """A listening port on the fake reactor that remembers whether it was stopped."""
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self.stopped = False
+
+    def getHost(self) -> IPv4Address:
+        return IPv4Address("TCP", "0.0.0.0", self.port)
+
+    def stopListening(self) -> None:
+        self.stopped = True
+
+
 class Reactor(MemoryReactorClock):
-    """A MemoryReactorClock whose listenTCP fails for chosen ports."""
+    """A MemoryReactorClock whose listenTCP fails for chosen ports, and keeps the ports it
+    gave out (``ports``) so a test can see which were stopped."""
 
     def __init__(self, refuse: set[int] | None = None) -> None:
         super().__init__()
         self.refuse = refuse or set()
+        self.ports: list[Port] = []
 
     def listenTCP(self, port: int, factory: Any, backlog: int = 50, interface: str = "") -> Any:
         if port in self.refuse:
             raise CannotListenError(interface, port, OSError(98, "Address already in use"))
-        return super().listenTCP(port, factory, backlog, interface)
+        super().listenTCP(port, factory, backlog, interface)
+        self.ports.append(Port(port))
+        return self.ports[-1]
 
 
 class Running:
@@ -72,6 +92,12 @@ class Running:
             config_loader=self._load,
         )
         self.service.startService()
+        #: What the service logs (its reloads, drains and cuts), as events.
+        self.logged = Events()
+        self.service._log = Logger(namespace="acrrelay.service", observer=self.logged)
+
+    def log_lines(self) -> list[str]:
+        return [formatEvent(event) for event in self.logged]
 
     def _load(self) -> RelayConfig:
         if isinstance(self.next_config, Exception):
@@ -85,9 +111,11 @@ class Running:
     def factory(self, port: int) -> Any:
         return next(f for p, f, _, _ in reversed(self.reactor.tcpServers) if p == port)
 
-    def connect(self, name: str, port: int = 8443) -> tuple[Any, PipeEnd]:
-        protocol = self.factory(port).buildProtocol(IPv4Address("TCP", "192.0.2.7", 40000))
-        transport = PipeEnd()
+    def connect(
+        self, name: str, port: int = 8443, peer: tuple[str, int] = ("192.0.2.7", 40000)
+    ) -> tuple[Any, PipeEnd]:
+        protocol = self.factory(port).buildProtocol(IPv4Address("TCP", *peer))
+        transport = PipeEnd(peer)
         transport.protocol = protocol
         protocol.makeConnection(transport)
         protocol.dataReceived(client_hello_bytes(name))
@@ -161,6 +189,7 @@ def test_reload_adds_and_removes_listeners() -> None:
     assert len(r.service.ports) == 1
     assert r.service.ports[0].getHost().port == 8443
     assert r.factory(8443).listener.name == "main"
+    assert [(port.port, port.stopped) for port in r.reactor.ports] == [(8443, False), (9443, True)]
 
 
 def test_a_listener_that_cannot_bind_rolls_the_reload_back() -> None:
@@ -173,11 +202,87 @@ def test_a_listener_that_cannot_bind_rolls_the_reload_back() -> None:
     assert r.service.relay.stats.reloads["failed"] == 1
 
 
+def test_a_reload_while_draining_is_refused_and_binds_nothing() -> None:
+    """A reload during a drain is refused, logged and counted as failed: no listener is
+    bound again, the routes and the config stay, and the drain goes on."""
+    r = Running()
+    client, _ = r.connect(A)
+    backend, _ = r.splice(client)
+    old = r.service.config
+    stopped: list[object] = []
+    r.service.stopService().addBoth(stopped.append)
+    summary = r.reload_with(BASE.replace(A, B) + '[[listen]]\nendpoint = "tcp:9443"\n')
+    assert summary == (
+        "reload rejected, the previous configuration stays: draining: a relay that is "
+        "stopping takes no new configuration"
+    )
+    assert r.service.relay.stats.reloads == {"failed": 1}
+    assert [(port.port, port.stopped) for port in r.reactor.ports] == [(8443, True)]
+    assert r.service.ports == [] and r.service.config is old
+    assert r.service.relay.policy.table.lookup(A) is not None
+    assert r.service.relay.policy.table.lookup(B) is None
+    assert [e["log_level"].name for e in r.logged if "reload" in e["log_format"]] == ["error"]
+    assert summary in r.log_lines()
+    # Applying a config directly (as an embedding program might) is refused the same way.
+    assert r.service.apply(parse_config(BASE.replace(A, B))).endswith("no new configuration")
+    assert r.service.relay.stats.reloads == {"failed": 2}
+    close_pair(client, backend)
+    r.reactor.advance(0.2)
+    assert stopped == [None]
+
+
+def test_a_config_file_that_is_not_utf8_is_rejected_on_reload(tmp_path: Path) -> None:
+    """A config file that is not UTF-8 is a rejected reload naming the file and the byte
+    (not an exception out of SIGHUP), counted as failed; the old routes stay."""
+    path = tmp_path / "relay.toml"
+    path.write_bytes(BASE.replace(A, B).encode() + b"# caf\xe9\n")
+    r = Running()
+    r.service.config_loader = lambda: load_config(str(path))
+    summary = r.service.reload()
+    offset = len(BASE.replace(A, B).encode()) + len(b"# caf")
+    line = BASE.replace(A, B).count("\n") + 1
+    assert summary == (
+        f"reload rejected, the previous configuration stays: {path}: not UTF-8 at byte "
+        f"{offset} (line {line}): invalid continuation byte; TOML files must be UTF-8"
+    )
+    assert r.service.relay.stats.reloads == {"failed": 1}
+    assert r.service.relay.policy.table.lookup(A) is not None
+    assert r.service.relay.policy.table.lookup(B) is None
+
+
 def test_change_summary_names_settings() -> None:
     """The reload summary says which settings changed."""
     old = parse_config(BASE)
     new = parse_config(BASE.replace('drain_timeout = "20s"', 'drain_timeout = "5m"'))
     assert "settings: drain_timeout 20.0 -> 300.0" in describe_changes(old, new)
+
+
+class Adopted:
+    """A port adopted from an inherited socket, as far as the family check looks."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.socket = sock
+
+
+def test_an_inherited_socket_of_another_family_is_named_with_the_fix() -> None:
+    """A systemd: socket whose address family is not the endpoint's domain= is a listen
+    error saying which family it is and what to write (Twisted would misread addresses)."""
+    with (
+        socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as v6,
+        socket.socket(socket.AF_INET, socket.SOCK_STREAM) as v4,
+    ):
+        assert _adopted_family_mismatch("systemd:domain=INET:index=0", Adopted(v6)) == (
+            "the socket systemd passed is INET6, not INET, and Twisted reads client addresses "
+            "by domain=: write domain=INET6, or ListenStream=0.0.0.0:PORT in the .socket unit "
+            "for an IPv4 socket"
+        )
+        assert _adopted_family_mismatch("systemd:domain=INET6:index=1", Adopted(v4)) == (
+            "the socket systemd passed is INET, not INET6, and Twisted reads client addresses "
+            "by domain=: write domain=INET"
+        )
+        assert _adopted_family_mismatch("systemd:domain=INET6:index=0", Adopted(v6)) is None
+        assert _adopted_family_mismatch("systemd:index=0:domain=INET", Adopted(v4)) is None
+        assert _adopted_family_mismatch("tcp:0", Adopted(v6)) is None
 
 
 # -- drain
@@ -189,7 +294,7 @@ def test_drain_waits_for_in_flight_connections() -> None:
     client, _ = r.connect(A)
     backend, _ = r.splice(client)
     stopped = r.service.stopService()
-    assert r.reactor.tcpServers[0][1] is not None
+    assert [port.stopped for port in r.reactor.ports] == [True] and r.service.ports == []
     assert not r.service.relay.accepting
     fired: list[object] = []
     stopped.addBoth(fired.append)
@@ -217,6 +322,51 @@ def test_drain_cuts_what_is_left_at_the_deadline() -> None:
     r.reactor.advance(0.2)
     assert fired == [None]
     assert r.events[-1]["close_reason"] == "drained"
+
+
+def test_drain_reports_name_what_remains() -> None:
+    """Every 10 s a drain logs what it still waits for: the first 10 connections by id,
+    client -> target, bytes each way and age, then how many more."""
+    r = Running()
+    pairs = []
+    for n in range(12):
+        client, _ = r.connect(A, peer=("192.0.2.7", 40000 + n))
+        backend, _ = r.splice(client)
+        backend.dataReceived(b"x" * (1000 + n))
+        pairs.append((client, backend))
+    r.reactor.advance(3)  # the connections are 3 s old when the drain starts
+    r.service.stopService()
+    hello = len(client_hello_bytes(A))
+
+    def reports() -> list[str]:
+        return [line for line in r.log_lines() if line.startswith("draining: ")]
+
+    for _ in range(99):
+        r.reactor.advance(0.1)
+    assert reports() == []
+    r.reactor.advance(0.2)
+    [report] = reports()
+    shown = [
+        f"{c.id} 192.0.2.7:{40000 + n} -> {A}:443 ({hello} up, {1000 + n} down, 13s)"
+        for n, (c, _) in enumerate(pairs[:10])
+    ]
+    head, _, named = report.partition(" to go: ")
+    assert head in ("draining: 12 connections left, 10s", "draining: 12 connections left, 9.9s")
+    assert named == "; ".join(shown) + " and 2 more"
+    # Ten seconds on, with two finished: the report names the ten left, and no "more".
+    for client, backend in pairs[:2]:
+        close_pair(client, backend)
+    for _ in range(101):
+        r.reactor.advance(0.1)
+    _, latest = reports()
+    shown = [
+        f"{c.id} 192.0.2.7:{40000 + n} -> {A}:443 ({hello} up, {1000 + n} down, 23s)"
+        for n, (c, _) in enumerate(pairs)
+        if n >= 2
+    ]
+    head, _, named = latest.partition(" to go: ")
+    assert head.startswith("draining: 10 connections left, ")
+    assert named == "; ".join(shown)
 
 
 def test_start_shutdown_drains_with_its_own_deadline() -> None:
@@ -303,6 +453,30 @@ def test_shell_connections_kill_routes_stats() -> None:
     assert repr(shell.kill(999)) == "no connection 999"
     assert A in repr(shell.routes())
     assert "accepted      1" in repr(shell.stats())
+
+
+def test_shell_reload_prints_the_summary_and_the_new_routes_apply() -> None:
+    """relay.reload() typed at the shell re-reads the config, shows what changed, and new
+    connections use the new routes at once; a broken config shows why and changes nothing."""
+    r = Running()
+    shell = RelayShell(r.service)
+    r.next_config = parse_config(
+        BASE + f'[[route]]\nname = "{B}"\nbackend = "tcp:host=10.2.2.2:port=443"\n', "relay.toml"
+    )
+    assert repr(shell.reload()) == (
+        "reloaded relay.toml: routes +1 -0 ~0 (now 2); listeners +0 -0; added: b.example.com"
+    )
+    routed, _ = r.connect(B)
+    assert routed.route is not None and routed.route.name == B
+    r.splice(routed)
+    assert r.reactor.tcpClients[-1][:2] == ("10.2.2.2", 443)
+    assert B in repr(shell.routes())
+    r.next_config = ConfigError("relay.toml", "route[1].backend", "expected an endpoint")
+    assert repr(shell.reload()) == (
+        "reload rejected, the previous configuration stays: "
+        "relay.toml: route[1].backend: expected an endpoint"
+    )
+    assert "reloads       1 ok, 1 failed" in repr(shell.stats())
 
 
 def test_human_bytes() -> None:

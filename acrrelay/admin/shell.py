@@ -158,7 +158,8 @@ class RelayShell:
 
     def reload(self) -> Text:
         """Re-read the configuration; new connections use it, established ones are untouched.
-        An invalid configuration is refused and the old one stays."""
+        An invalid configuration is refused and the old one stays; so is any reload while the
+        relay drains."""
         return Text(self._service.reload())
 
     def drain(self, seconds: float | None = None) -> Text:
