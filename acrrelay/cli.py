@@ -227,11 +227,26 @@ def _doctor(args: argparse.Namespace, out: TextIO) -> int:
         except ValueError:
             raise ConfigError("doctor", f"{flag} {text}", "expected HOST[:PORT]") from None
 
+    if args.chart_host is not None and args.chart is None:
+        raise ConfigError("doctor", f"--chart-host {args.chart_host}", "needs --chart NS/REPO")
     password = None
     if args.password_stdin:
         if args.username is None:
             raise ConfigError("doctor", "--password-stdin", "needs --username")
         password = sys.stdin.readline().rstrip("\r\n")
+    elif args.username is not None:
+        # Sending "user:" with an empty password would fail as a wrong password, far
+        # from the cause; ask, or say how to pass it where nobody can be asked.
+        if not sys.stdin.isatty():
+            print(
+                f"acrrelay: doctor: --username {args.username}: standard input is not a "
+                "terminal to ask for the password on; pipe it in with --password-stdin",
+                file=sys.stderr,
+            )
+            return 2
+        import getpass
+
+        password = getpass.getpass(f"password for {args.username}: ")
     options = Options(
         registry=args.registry.lower().rstrip("."),
         via=address("--via", args.via, 443),
@@ -240,6 +255,7 @@ def _doctor(args: argparse.Namespace, out: TextIO) -> int:
         password=password,
         image=args.image,
         chart=args.chart,
+        chart_host=args.chart_host.lower().rstrip(".") if args.chart_host else None,
         ca_file=args.ca_file,
         timeout=args.timeout,
     )
@@ -344,8 +360,9 @@ def _parser() -> argparse.ArgumentParser:
         help="check a registry's three services hop by hop, through the relay or direct",
         description="Walk the path a pull takes: TLS to the registry, the 401 Bearer "
         "challenge, the token service, (with --image) the manifest, the blob redirect and "
-        "OSS, and the OSS endpoint; print a table with a hint for each failure. Exits 1 "
-        "if a hop fails.",
+        "OSS, the OSS endpoint and (with --chart) the chart API; print a table with a hint "
+        "for each failure. Exits 1 if a hop fails. Each hop is shown on stderr as it "
+        "starts, so a slow one is visibly in progress; the table goes to stdout.",
     )
     doctor.add_argument(
         "registry", metavar="REGISTRY_HOST", help="e.g. registry-vpc.cn-beijing.aliyuncs.com"
@@ -360,7 +377,11 @@ def _parser() -> argparse.ArgumentParser:
         metavar="HOST[:PORT]",
         help="where plain-HTTP redirects go (default: the --via host, port 80)",
     )
-    doctor.add_argument("--username", metavar="USER")
+    doctor.add_argument(
+        "--username",
+        metavar="USER",
+        help="log in to the token service as USER (the password is asked for on a terminal)",
+    )
     doctor.add_argument(
         "--password-stdin", action="store_true", help="read the password from standard input"
     )
@@ -368,7 +389,18 @@ def _parser() -> argparse.ArgumentParser:
         "--image", metavar="NS/NAME[:TAG]", help="also fetch this image's manifest and first layer"
     )
     doctor.add_argument(
-        "--chart", metavar="NS/REPO", help="also check an Enterprise chart repository's API"
+        "--chart",
+        metavar="NS/REPO",
+        help="also check an Enterprise chart repository (ChartMuseum): "
+        "GET /api/NS/REPO/charts must answer 200",
+    )
+    doctor.add_argument(
+        "--chart-host",
+        metavar="HOST",
+        help="where --chart's API is served (default: REGISTRY_HOST); Enterprise instances "
+        "have been seen serving charts on INSTANCE-chart.REGION.cr.aliyuncs.com, a form not "
+        "confirmed by Alibaba (helm-acr's README shows -helm), so --acr does not route it: "
+        "give the relay a route for it",
     )
     doctor.add_argument("--ca-file", metavar="PEM", help="trust this CA (default: the system's)")
     doctor.add_argument("--timeout", type=float, default=15.0, metavar="SECONDS")

@@ -2,7 +2,8 @@
 
 ``acrrelay hosts`` prints, for one region and network, the hosts-file lines that point
 the registry, its token service and OSS at the relay; or, for ``HTTPS_PROXY`` mode,
-the dockerd and containerd settings. A hosts file cannot hold a wildcard, so the OSS
+the dockerd and containerd settings (containerd needs no ``hosts.toml`` in either
+mode; see :func:`containerd_proxy`). A hosts file cannot hold a wildcard, so the OSS
 *bucket* host is listed only when ``--bucket`` names it; otherwise the output says how
 to find it (the host in the ``Location`` of a blob redirect, which ``acrrelay doctor``
 shows).
@@ -22,7 +23,6 @@ from acrrelay.catalogue import Network, acr_entries
 __all__ = [
     "ClientNames",
     "client_names",
-    "containerd_hosts_toml",
     "containerd_proxy",
     "dockerd_proxy",
     "hosts_lines",
@@ -112,17 +112,6 @@ Environment="NO_PROXY=localhost,127.0.0.1"
 """
 
 
-def containerd_hosts_toml(registry: str) -> str:
-    """The hosts.toml that pins ``registry`` for containerd."""
-    return f"""\
-# /etc/containerd/certs.d/{registry}/hosts.toml:
-server = "https://{registry}"
-
-[host."https://{registry}"]
-  capabilities = ["pull", "resolve", "push"]
-"""
-
-
 def dockerd_proxy(relay: str, port: int, user: str | None = None) -> str:
     """dockerd settings for HTTPS_PROXY mode: a systemd drop-in, or daemon.json (23.0+)."""
     url = _proxy_url(relay, port, user)
@@ -140,11 +129,26 @@ def dockerd_proxy(relay: str, port: int, user: str | None = None) -> str:
 def containerd_proxy(
     relay: str, port: int, registries: Sequence[str], user: str | None = None
 ) -> str:
-    """containerd settings for HTTPS_PROXY mode: a systemd drop-in and hosts.toml files."""
+    """containerd settings for HTTPS_PROXY mode: the systemd drop-in, and why no hosts.toml.
+
+    A hosts.toml chooses which URL containerd asks for a registry's images (a mirror)
+    and how to trust it; it cannot change the address a name is dialled at, so it has no
+    part in either mode: with HTTPS_PROXY the environment sends every host (registry,
+    token service, OSS) through the relay; in hosts-file mode the names and certificates
+    stay the registry's own. A hosts.toml *can* send pulls past the relay, to a mirror,
+    so the output says which files to check.
+    """
     url = _proxy_url(relay, port, user)
-    pinned = "\n".join(containerd_hosts_toml(registry) for registry in registries)
+    checks = "\n".join(
+        f"#   /etc/containerd/certs.d/{registry}/hosts.toml" for registry in registries
+    )
     return _systemd_drop_in("containerd", url) + (
-        "#\n# Optionally, to pin the registry hosts explicitly (containerd reads these files\n"
-        '# when its config.toml sets config_path = "/etc/containerd/certs.d" for the CRI\n'
-        "# registry):\n" + pinned
+        "#\n"
+        "# No hosts.toml is needed: containerd takes HTTPS_PROXY from its environment for\n"
+        "# the registry, its token service and the OSS redirects alike (and in hosts-file\n"
+        "# mode the names and certificates stay the registry's own). A hosts.toml that\n"
+        "# names a mirror would send pulls past the relay: if any of these files exists,\n"
+        "# check that its server and [host] entries name the registry itself:\n"
+        + checks
+        + "\n#   /etc/containerd/certs.d/_default/hosts.toml\n"
     )

@@ -116,7 +116,33 @@ def test_proxy_formats() -> None:
         "hosts", "--relay", "10.8.0.1:8080", "--acr", "cn-beijing", "--format", "containerd"
     )
     assert 'Environment="HTTPS_PROXY=http://10.8.0.1:8080"' in containerd.stdout
-    assert 'server = "https://registry-vpc.cn-beijing.aliyuncs.com"' in containerd.stdout
+
+
+def test_containerd_gets_no_hosts_toml_that_changes_nothing() -> None:
+    """A hosts.toml cannot route by name, so containerd's output writes none (one pinning a
+    registry to itself is a no-op); its comments say why, and which files to check for a
+    mirror that would bypass the relay."""
+    result = acrrelay(
+        "hosts", "--relay", "10.8.0.1", "--acr", "cn-beijing", "--format", "containerd",
+        "--instance", "myco",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    settings = [line for line in result.stdout.splitlines() if not line.startswith("#")]
+    assert settings == [
+        "[Service]",
+        'Environment="HTTPS_PROXY=http://10.8.0.1:3128"',
+        'Environment="HTTP_PROXY=http://10.8.0.1:3128"',
+        'Environment="NO_PROXY=localhost,127.0.0.1"',
+    ]
+    assert "# No hosts.toml is needed: containerd takes HTTPS_PROXY from its environment" in (
+        result.stdout
+    )
+    for registry in (
+        "registry-vpc.cn-beijing.aliyuncs.com",
+        "myco-registry-vpc.cn-beijing.cr.aliyuncs.com",
+    ):
+        assert f"#   /etc/containerd/certs.d/{registry}/hosts.toml\n" in result.stdout
+    assert "#   /etc/containerd/certs.d/_default/hosts.toml\n" in result.stdout
 
 
 RESOLVE = """
