@@ -31,7 +31,14 @@ import h11
 
 from acrrelay.clienthello import NEED_MORE, NeedMore
 
-__all__ = ["HttpHeadError", "HttpHeadReader", "HttpRequest", "RequestFollower", "error_response"]
+__all__ = [
+    "HttpHeadError",
+    "HttpHeadReader",
+    "HttpRequest",
+    "RequestFollower",
+    "error_response",
+    "without_proxy_auth",
+]
 
 _HOST = re.compile(r"(?:\[([0-9A-Fa-f:.]+)\]|([^\[\]:@/\s]+))(?::([0-9]{1,5}))?\Z")
 
@@ -313,6 +320,32 @@ class RequestFollower:
                 return None
             if isinstance(event, h11.EndOfMessage):
                 return bytes(self._conn.trailing_data[0])
+
+
+#: Header fields dropped from a head whose Proxy-Authorization the relay consumed: the
+#: credential itself, and the connection's own hop-by-hop fields, replaced below.
+_CONSUMED_FIELDS: Final = frozenset(
+    (b"proxy-authorization", b"connection", b"proxy-connection", b"keep-alive")
+)
+
+
+def without_proxy_auth(head: bytes) -> bytes:
+    """``head`` (a complete, checked request head) as the relay forwards it after checking
+    its ``Proxy-Authorization``: without that field, and with ``Connection: close``.
+
+    RFC 9110 11.7.2: the proxy that asked for the credential consumes it. ``Connection:
+    close`` makes the backend end the connection after its answer, so the client opens a
+    new one for its next request instead of sending it, credential and all, on this one.
+    """
+    lines = head.split(b"\r\n")
+    # lines: the request line, the fields, then "" "" from the blank line that ends it.
+    kept = [lines[0]]
+    for line in lines[1:-2]:
+        name = line.split(b":", 1)[0].strip().lower()
+        if name not in _CONSUMED_FIELDS:
+            kept.append(line)
+    kept.append(b"Connection: close")
+    return b"\r\n".join(kept) + b"\r\n\r\n"
 
 
 _ERROR_TEXT: Final = {

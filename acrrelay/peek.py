@@ -18,8 +18,11 @@ Each accepted connection is one :class:`RelayProtocol`, an explicit state machin
 
 Every door asks :meth:`~acrrelay.routing.Policy.decide` the same question. Refusals
 are answered in the door's own language (a TLS ``unrecognized_name`` alert, or an
-HTTP 400/403/407/408/431), logged with their reason and counted. A CONNECT listener
-with users checks ``Proxy-Authorization`` first (**authorizing**, off the reactor).
+HTTP 400/403/407/408/431), logged with their reason and counted. On a listener with
+users, every request needs ``Proxy-Authorization`` (**authorizing**, off the reactor).
+A plain-HTTP request there is the connection's only one: its head goes on without the
+``Proxy-Authorization`` meant for the relay, with ``Connection: close``, and any later
+request is refused. That is the one place bytes are not passed as they came.
 
 **connecting** pauses the client while the route's backend connects, under the
 connect timeout; a route may have a PROXY header sent to the backend first.
@@ -51,6 +54,7 @@ from acrrelay.httphead import (
     HttpRequest,
     RequestFollower,
     error_response,
+    without_proxy_auth,
 )
 from acrrelay.proxyproto import (
     ProxyHeader,
@@ -110,11 +114,18 @@ def describe(address: IAddress | None) -> str:
     host = getattr(address, "host", None)
     port = getattr(address, "port", None)
     if host is not None and port is not None:
-        return _host_port(host, port)
+        return _host_port(unmapped(host), port)
     name = getattr(address, "name", None)
     if name is not None:
         return name.decode("utf-8", "replace") if isinstance(name, bytes) else str(name)
     return str(address) if address is not None else "-"
+
+
+def unmapped(host: str) -> str:
+    """An IPv4 client on a dual-stack socket (``::ffff:192.0.2.1``) as the IPv4 address it is."""
+    if host.startswith("::ffff:") and "." in host:
+        return host[7:]
+    return host
 
 
 def _host_port(host: str, port: int) -> str:
@@ -164,6 +175,9 @@ class RelayProtocol(Protocol):
         self._tls_reader: ClientHelloReader | None = None
         self._http_reader: HttpHeadReader | None = None
         self._follower: RequestFollower | None = None
+        #: A plain-HTTP request on a listener with users: forward its head without the
+        #: Proxy-Authorization meant for the relay, and allow no other request after it.
+        self._consume_proxy_auth = False
         self._admitted = False
         self._timer: IDelayedCall | None = None
         self._pending: defer.Deferred[Any] | None = None
@@ -181,7 +195,8 @@ class RelayProtocol(Protocol):
         self.relay.opened(self)
         peer = self.transport.getPeer()  # type: ignore[union-attr]
         self.peer = self.client = describe(peer)
-        self.client_host = getattr(peer, "host", None)
+        host = getattr(peer, "host", None)
+        self.client_host = unmapped(host) if host is not None else None
         self._timer = clock.callLater(self.relay.settings.peek_timeout, self._peek_timed_out)
         if self.relay.trusts_proxy_header(self.listener, self.client_host):
             self._proxy_reader = ProxyHeaderReader()
@@ -197,7 +212,11 @@ class RelayProtocol(Protocol):
             return
         if self.state is not State.PEEKING:
             if self.state in (State.AUTHORIZING, State.CONNECTING):
-                self._buffer += data  # paused, so rare; kept for the backend all the same
+                # Paused, so rare; kept for the backend all the same, once the follower
+                # has seen it (it may hold a later request for another host).
+                if self._follower is not None and not self._follow(data):
+                    return
+                self._buffer += data
             return
         try:
             self._peek(data)
@@ -343,16 +362,17 @@ class RelayProtocol(Protocol):
         if protocol not in self.listener.protocols:
             self._refuse("protocol_not_allowed", f"{protocol} is not enabled on this listener")
             return
+        auth = self.relay.auth.get(self.listener.name)
         if outcome.is_connect:
             self._skip = outcome.head_size
-            auth = self.relay.auth.get(self.listener.name)
-            if auth is not None:
-                self._authorize(auth.check(outcome.proxy_authorization), outcome)
-                return
         else:
+            self._consume_proxy_auth = auth is not None
             self._follower = reader.follower()
             if not self._follow(b""):
                 return
+        if auth is not None:
+            self._authorize(auth.check(outcome.proxy_authorization), outcome)
+            return
         self._route(outcome.host, outcome.port)
 
     def _follow(self, data: bytes) -> bool:
@@ -361,9 +381,16 @@ class RelayProtocol(Protocol):
         try:
             later = self._follower.feed(data)
         except HttpHeadError as e:
-            self._cut_off("malformed", f"later request: {e}")
+            self._cut_off(e.reason, f"later request: {e}")
             return False
         first = self.request
+        if later and self._consume_proxy_auth:
+            # Its head would carry the relay's credential on to the backend.
+            self._cut_off(
+                "one_request_with_auth",
+                "a later request on a connection whose Proxy-Authorization the relay consumed",
+            )
+            return False
         for request in later:
             if request.port != first.port or not _same_name(request.host, first.host):
                 self._cut_off(
@@ -468,6 +495,8 @@ class RelayProtocol(Protocol):
             buffer_size=settings.buffer_size,
             on_done=self._spliced,
             zero_copy=settings.zero_copy,
+            # The follower must see every byte the client sends on plain HTTP.
+            zero_copy_up=self._follower is None,
         )
         protocol.pump = self.pump
         if self.route is not None and self.route.proxy_protocol is not None:
@@ -475,6 +504,9 @@ class RelayProtocol(Protocol):
         if self.door is not None and self.door.protocol == "connect":
             self.transport.write(CONNECT_ESTABLISHED)  # type: ignore[union-attr]
         replay = bytes(self._buffer[self._skip :])
+        if self._consume_proxy_auth and self.request is not None:
+            head_size = self.request.head_size
+            replay = without_proxy_auth(replay[:head_size]) + replay[head_size:]
         self._buffer = bytearray()
         self.pump.start(transport, replay)  # type: ignore[arg-type]
         if self._eof_while_waiting:
@@ -704,6 +736,10 @@ class RelayFactory(ServerFactory):
         self.listener = listener
 
     def buildProtocol(self, addr: IAddress | None) -> RelayProtocol | None:
+        if self.relay.draining:
+            # Listeners close as a drain starts; one that has not yet takes no one new.
+            self.relay.stats.refused["draining"] += 1
+            return None
         if self.relay.at_limit():
             # Accept passes are capped to the room left; this is the last guard.
             self.relay.stats.refused["over_limit"] += 1

@@ -178,6 +178,7 @@ class Pump:
         buffer_size: int,
         on_done: Callable[[PumpResult], None],
         zero_copy: bool = False,
+        zero_copy_up: bool = True,
     ) -> None:
         self._clock = clock
         self.client = client
@@ -199,6 +200,8 @@ class Pump:
         self.finished = False
         # splice(2) per direction, once it has carried PROMOTE_AFTER bytes (see zerocopy).
         self._zero_copy = zero_copy and zerocopy.AVAILABLE
+        # Off where the client's bytes must still be seen (plain HTTP's later requests).
+        self._zero_copy_up = self._zero_copy and zero_copy_up
         self._spliced_up: zerocopy.SpliceDirection | None = None
         self._spliced_down: zerocopy.SpliceDirection | None = None
 
@@ -227,7 +230,7 @@ class Pump:
     def client_data(self, data: bytes) -> None:
         self.bytes_up += len(data)
         send_now(self.backend, data)  # type: ignore[arg-type]
-        if self._zero_copy and self._spliced_up is None and self.bytes_up >= _PROMOTE:
+        if self._zero_copy_up and self._spliced_up is None and self.bytes_up >= _PROMOTE:
             self._spliced_up = zerocopy.promote(
                 self.client, self.backend, self._count_up, self._buffer_size, self._clock
             )

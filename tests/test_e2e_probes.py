@@ -22,6 +22,7 @@ from typing import Any
 import attrs
 import pytest
 
+from acrrelay import zerocopy
 from tests.e2e_support import (
     DOCKERAUTH,
     OPEN_LOOPBACK,
@@ -227,9 +228,8 @@ IP_LITERAL = "refused:ip_literal"
 MALFORMED = "refused:malformed"
 PORT_NOT_ALLOWED = "refused:port_not_allowed"
 UPGRADE_REFUSED = "refused:upgrade_refused"
-#: What the relay logs for a refused *later* request on a connection: it reports every
-#: error there as malformed (a more precise upgrade_refused would do as well).
-LATER_REFUSED = (MALFORMED, UPGRADE_REFUSED)
+#: What the relay logs for a refused *later* request that would switch protocols.
+LATER_REFUSED = (UPGRADE_REFUSED,)
 
 #: Forbidden host names, each with the refusal it must get (before any port is checked).
 FORBIDDEN_HOSTS: list[tuple[bytes, str]] = [
@@ -369,9 +369,9 @@ def forbidden_probes(resolve_port: int) -> list[Probe]:
     # port (which, unfollowed, would let the request after it through): refused either way.
     first_get = b"GET /name HTTP/1.1\r\nHost: " + registry + b"\r\n\r\n"
     connect_pipelined = first_get + _connect_head(dockerauth + b":443")
-    probes.append(Probe("pipelined", "CONNECT", FRONT, connect_pipelined, MALFORMED))
+    probes.append(Probe("pipelined", "CONNECT", FRONT, connect_pipelined, UPGRADE_REFUSED))
     connect_same = first_get + _connect_head(registry + b":80") + _host_head(b"unknown.e2e.test")
-    probes.append(Probe("pipelined", "CONNECT same host", FRONT, connect_same, MALFORMED))
+    probes.append(Probe("pipelined", "CONNECT same host", FRONT, connect_same, UPGRADE_REFUSED))
 
     # Upgrade: refused on the Host and absolute-URI doors, alone, with a request for a
     # forbidden host smuggled after it, and as a later request after an allowed one.
@@ -390,7 +390,7 @@ def forbidden_probes(resolve_port: int) -> list[Probe]:
                 Probe(door, f"{what}, then another host", FRONT, with_upgrade + forbidden,
                       UPGRADE_REFUSED),
                 Probe("pipelined", f"{door}: allowed, {what}, then another host", FRONT,
-                      kept + with_upgrade + forbidden, MALFORMED),
+                      kept + with_upgrade + forbidden, UPGRADE_REFUSED),
             ]  # fmt: skip
     smuggled = b"GET /name HTTP/1.1\r\nHost: " + dockerauth + b"\r\n\r\n"
     for framing in (
@@ -556,6 +556,7 @@ def test_no_front_door_reaches_a_forbidden_target(
         "keep-alive upgrade absolute URI",
         "keep-alive absolute URI, other Host",
         "keep-alive CONNECT same host",
+        "keep-alive after an upload past the splice threshold",
     ):
         source = sources.next()
         problem = _smuggle_after_allowed(relay, backend, source, trick)
@@ -617,6 +618,7 @@ def _smuggle_after_allowed(
     backend and the connection was cut, else why not."""
     first_host = REGISTRY
     marker = f"/name?{source}"
+    method = "GET"
     reasons: tuple[str, ...] = ("refused:host_switch",)
     other = f"GET {marker}-3 HTTP/1.1\r\nHost: {DOCKERAUTH}\r\n\r\n"
     absolute = f"GET http://{REGISTRY}{marker} HTTP/1.1\r\nHost: {REGISTRY}\r\n\r\n"
@@ -643,11 +645,21 @@ def _smuggle_after_allowed(
     elif trick == "keep-alive absolute URI, other Host":
         first = absolute
         second = f"GET http://{REGISTRY}{marker}-2 HTTP/1.1\r\nHost: {DOCKERAUTH}\r\n\r\n"
-        reasons = LATER_REFUSED
+        reasons = (MALFORMED,)
     elif trick == "keep-alive CONNECT same host":
         first = f"GET {marker} HTTP/1.1\r\nHost: {REGISTRY}\r\n\r\n"
         second = f"CONNECT {REGISTRY}:80 HTTP/1.1\r\nHost: {REGISTRY}:80\r\n\r\n{other}"
         reasons = LATER_REFUSED
+    elif trick == "keep-alive after an upload past the splice threshold":
+        # Once a direction has carried 512 KiB the relay may move it by splice(2), where no
+        # Python code sees the bytes: the client's direction on plain HTTP must never.
+        size = 2 * zerocopy.PROMOTE_AFTER + 12345
+        method = "POST"
+        first = (
+            f"POST {marker} HTTP/1.1\r\nHost: {REGISTRY}\r\nContent-Length: {size}\r\n\r\n"
+            + "x" * size
+        )
+        second = f"GET {marker}-2 HTTP/1.1\r\nHost: {DOCKERAUTH}\r\n\r\n"
     else:
         first = f"GET {marker} HTTP/1.1\r\nHost: {first_host}\r\n\r\n"
         second = f"GET {marker}-2 HTTP/1.1\r\nHost: {DOCKERAUTH}\r\n\r\n"
@@ -676,7 +688,7 @@ def _smuggle_after_allowed(
     time.sleep(0.2)
     seen = [r for r in backend.requests() if marker in r[3]]
     target = f"http://{REGISTRY}{marker}" if "absolute" in trick else marker
-    if seen != [(REGISTRY, "plain", "GET", target, REGISTRY)]:
+    if seen != [(REGISTRY, "plain", method, target, REGISTRY)]:
         return f"backends saw {seen}"
     if backend.accepted(REGISTRY) - before_registry != 1 or backend.accepted() != before_total + 1:
         return "a second backend connection was made"

@@ -235,20 +235,23 @@ OTHER_HOST = b"GET /c HTTP/1.1\r\nHost: " + BUCKET.encode() + b"\r\n\r\n"
 
 
 @pytest.mark.parametrize(
-    "switch",
+    ("switch", "reason", "status"),
     [
-        b"GET /b HTTP/1.1\r\nHost: " + REGISTRY.encode() + b"\r\nUpgrade: h2c\r\n\r\n",
-        b"GET /b HTTP/1.1\r\nHost: " + REGISTRY.encode()
-        + b"\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n",
-        b"CONNECT " + REGISTRY.encode() + b":80 HTTP/1.1\r\nHost: " + REGISTRY.encode()
-        + b":80\r\n\r\n",
-        b"GET http://" + REGISTRY.encode() + b"/b HTTP/1.1\r\nHost: " + BUCKET.encode()
-        + b"\r\n\r\n",
+        (b"GET /b HTTP/1.1\r\nHost: " + REGISTRY.encode() + b"\r\nUpgrade: h2c\r\n\r\n",
+         "upgrade_refused", 403),
+        (b"GET /b HTTP/1.1\r\nHost: " + REGISTRY.encode()
+         + b"\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n", "upgrade_refused", 403),
+        (b"CONNECT " + REGISTRY.encode() + b":80 HTTP/1.1\r\nHost: " + REGISTRY.encode()
+         + b":80\r\n\r\n", "upgrade_refused", 403),
+        (b"GET http://" + REGISTRY.encode() + b"/b HTTP/1.1\r\nHost: " + BUCKET.encode()
+         + b"\r\n\r\n", "malformed", 400),
     ],
     ids=["h2c", "websocket", "connect-same-host", "absolute-with-another-host"],
 )  # fmt: skip
 @pytest.mark.parametrize("when", ["first-read", "keep-alive"])
-def test_a_later_request_cannot_switch_the_connection_or_its_host(switch: bytes, when: str) -> None:
+def test_a_later_request_cannot_switch_the_connection_or_its_host(
+    switch: bytes, reason: str, status: int, when: str
+) -> None:
     """After an allowed request, a request for the same host that would switch protocols
     (Upgrade, CONNECT) or carry another Host behind its absolute URI is refused, and the
     request for another host smuggled after it never reaches anyone."""
@@ -258,7 +261,7 @@ def test_a_later_request_cannot_switch_the_connection_or_its_host(switch: bytes,
     if when == "first-read":
         protocol.dataReceived(first + switch + OTHER_HOST)
         assert h.reactor.tcpClients == []
-        assert response_of(client.value())[0] == 400
+        assert response_of(client.value())[0] == status
     else:
         protocol.dataReceived(first)
         _, backend = h.connect_backend()
@@ -268,9 +271,7 @@ def test_a_later_request_cannot_switch_the_connection_or_its_host(switch: bytes,
         assert len(h.reactor.tcpClients) == 1
         backend.protocol.connectionLost(Failure(ConnectionLost()))
     closed(client)
-    # The relay reports every refused later request as malformed today; a more precise
-    # reason (upgrade_refused) would do as well.
-    assert h.events[-1]["close_reason"] in ("refused:malformed", "refused:upgrade_refused")
+    assert h.events[-1]["close_reason"] == f"refused:{reason}"
 
 
 def test_a_smuggled_request_in_the_first_read_is_refused_before_connecting() -> None:
@@ -398,6 +399,123 @@ def test_connect_with_good_credentials_is_routed(users_file: Path) -> None:
     protocol.connectionLost(Failure(ConnectionDone()))
     backend_protocol.connectionLost(Failure(ConnectionDone()))
     assert h.events[-1]["user"] == "ci"
+
+
+HTTP_USERS_TOML = USERS_TOML.replace('protocols = ["connect"]', 'protocols = ["connect", "http"]')
+PROXIED_GET = (
+    f"GET http://{REGISTRY}/v2/ HTTP/1.1\r\nHost: {REGISTRY}\r\n"
+    "User-Agent: docker/27\r\n{auth}Connection: keep-alive\r\nAccept: */*\r\n\r\n"
+)
+
+
+def test_plain_http_on_a_listener_with_users_needs_proxy_authorization(users_file: Path) -> None:
+    """Users apply to every request on the listener: plain HTTP too, not just CONNECT."""
+    h = Harness(HTTP_USERS_TOML.format(users=users_file))
+    for authorization in [None, basic("ci", "wrong")]:
+        protocol, client = h.accept()
+        header = f"Proxy-Authorization: {authorization}\r\n" if authorization else ""
+        protocol.dataReceived(PROXIED_GET.format(auth=header).encode())
+        status, headers, _ = response_of(client.value())
+        assert status == 407
+        assert headers[b"proxy-authenticate"] == b'Basic realm="acrrelay"'
+    assert h.reactor.tcpClients == []
+    assert h.relay.stats.refused["auth_required"] == 2
+
+
+def test_plain_http_with_users_consumes_the_credential_and_closes_after_one_request(
+    users_file: Path,
+) -> None:
+    """The backend never sees the relay's credential: the head goes on without
+    Proxy-Authorization and with Connection: close; the body is byte-exact; a later
+    request on the connection is refused rather than forwarded with the credential."""
+    h = Harness(HTTP_USERS_TOML.format(users=users_file))
+    protocol, client = h.accept()
+    header = f"Proxy-Authorization: {basic('ci', 's3cret')}\r\n"
+    head = (
+        f"PUT http://{REGISTRY}/v2/x/blobs/uploads/1 HTTP/1.1\r\nHost: {REGISTRY}\r\n"
+        f"{header}Proxy-Connection: keep-alive\r\nContent-Length: 10\r\n\r\n"
+    ).encode()
+    protocol.dataReceived(head + b"01234")
+    _, backend = h.connect_backend()
+    protocol.dataReceived(b"56789")
+    forwarded = backend.value()
+    assert (
+        forwarded
+        == (
+            f"PUT http://{REGISTRY}/v2/x/blobs/uploads/1 HTTP/1.1\r\nHost: {REGISTRY}\r\n"
+            "Content-Length: 10\r\nConnection: close\r\n\r\n0123456789"
+        ).encode()
+    )
+    assert b"s3cret" not in forwarded and b"Basic" not in forwarded
+    protocol.dataReceived(PROXIED_GET.format(auth=header).encode())
+    assert backend.value() == forwarded  # nothing more
+    assert client.disconnected and backend.disconnected
+    backend.protocol.connectionLost(Failure(ConnectionLost()))
+    closed(client)
+    assert h.events[-1]["close_reason"] == "refused:one_request_with_auth"
+    assert h.events[-1]["user"] == "ci"
+
+
+def test_without_users_plain_http_is_forwarded_byte_exact(users_file: Path) -> None:
+    """Without users the relay asks for no credential and so consumes none."""
+    h = Harness(FRONT)
+    protocol, _ = h.accept()
+    request = PROXIED_GET.format(auth=f"Proxy-Authorization: {basic('a', 'b')}\r\n").encode()
+    protocol.dataReceived(request)
+    _, backend = h.connect_backend()
+    assert backend.value() == request
+
+
+def test_a_request_that_arrives_while_connecting_meets_the_follower() -> None:
+    """Bytes read while the backend connects are checked before they are kept for it."""
+    h = Harness(FRONT)
+    protocol, client = h.accept()
+    first = b"GET /a HTTP/1.1\r\nHost: " + REGISTRY.encode() + b"\r\n\r\n"
+    protocol.dataReceived(first)
+    assert protocol.state is State.CONNECTING
+    protocol.dataReceived(OTHER_HOST)
+    assert client.disconnecting
+    assert response_of(client.value())[0] == 403
+    assert h.relay.stats.refused["host_switch"] == 1
+
+
+@pytest.mark.parametrize(
+    ("stream", "spliced_up"),
+    [(HELLO, True), (b"GET /a HTTP/1.1\r\nHost: " + REGISTRY.encode() + b"\r\n\r\n", False)],
+    ids=["tls", "http"],
+)
+def test_plain_http_never_moves_the_clients_bytes_past_the_follower(
+    stream: bytes, spliced_up: bool
+) -> None:
+    """On plain HTTP the client's direction stays off splice(2), where the follower could
+    not see later requests; TLS and the backend's direction may use it."""
+    h = Harness(FRONT)
+    protocol, _ = h.accept()
+    protocol.dataReceived(stream)
+    h.connect_backend()
+    assert protocol.pump is not None
+    assert protocol.pump._zero_copy_up is (spliced_up and protocol.pump._zero_copy)
+    assert protocol.pump._zero_copy is h.relay.settings.zero_copy
+
+
+def test_ipv4_clients_on_dual_stack_sockets_are_logged_and_counted_as_ipv4() -> None:
+    """::ffff:198.51.100.9 is 198.51.100.9 in logs, ACLs and per-client counts."""
+    h = Harness(FRONT)
+    protocol = h.factory.buildProtocol(None)
+    assert protocol is not None
+    transport = PipeEnd(("::ffff:198.51.100.9", 40000))
+    protocol.makeConnection(transport)
+    assert protocol.client == "198.51.100.9:40000"
+    assert protocol.client_host == "198.51.100.9"
+    assert h.relay.per_client["198.51.100.9"] == 1
+
+
+def test_no_connection_is_taken_while_draining() -> None:
+    """A listener that has not closed yet when a drain starts takes no one new."""
+    h = Harness(FRONT)
+    h.relay.draining = True
+    assert h.factory.buildProtocol(None) is None
+    assert h.relay.stats.refused["draining"] == 1
 
 
 def test_a_listener_without_connect_refuses_it() -> None:
@@ -554,6 +672,29 @@ def test_global_limit_pauses_accepting() -> None:
     connections[0].connectionLost(Failure(ConnectionLost()))
     assert port.reading
     assert h.relay.stats.limit_pauses == 1
+
+
+class FakeTCPPort(FakePort):
+    """What the accept cap wraps: a TCP port's accept pass and its batch size."""
+
+    def __init__(self) -> None:
+        self.numberAccepts = 100
+        self.passes = 0
+
+    def doRead(self) -> None:
+        self.passes += 1
+
+
+def test_reloads_never_stack_the_accept_cap() -> None:
+    """Every reload watches the ports again; the accept pass is wrapped once, however
+    many reloads (nested wrappers hit the recursion limit after about a thousand)."""
+    h = Harness(LIMITS)
+    port = FakeTCPPort()
+    for _ in range(2000):
+        h.relay.watch_ports([port])
+    port.doRead()
+    assert port.passes == 1
+    assert port.numberAccepts <= h.relay.max_connections
 
 
 # -- resolved-address safety

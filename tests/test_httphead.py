@@ -17,6 +17,7 @@ from acrrelay.httphead import (
     HttpRequest,
     RequestFollower,
     error_response,
+    without_proxy_auth,
 )
 
 LIMIT = 16 * 1024
@@ -1052,3 +1053,23 @@ def test_follower_finds_exactly_the_requests_sent(
         expected.append((method, path, host.rsplit(":", 1)[0].strip("[]") if ":" in host else host))
     first, later = follow(data, cuts)
     assert where([first, *later]) == expected
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        b"Proxy-Authorization: Basic Y2k6czNjcmV0\r\n",
+        b"proxy-authorization:Basic Y2k6czNjcmV0\r\nConnection: keep-alive\r\n",
+        b"PROXY-AUTHORIZATION: Basic Y2k6czNjcmV0\r\nProxy-Connection: keep-alive\r\n"
+        b"Keep-Alive: timeout=5\r\n",
+    ],
+)
+def test_without_proxy_auth_drops_the_credential_and_closes(fields: bytes) -> None:
+    """The consumed head keeps every other field, in order, and asks to close."""
+    head = (
+        b"GET http://h.example/x HTTP/1.1\r\nHost: h.example\r\n" + fields + b"Accept: */*\r\n\r\n"
+    )
+    assert without_proxy_auth(head) == (
+        b"GET http://h.example/x HTTP/1.1\r\nHost: h.example\r\nAccept: */*\r\n"
+        b"Connection: close\r\n\r\n"
+    )
