@@ -219,6 +219,10 @@ class Relay:
         # that number after each pass), whatever stopReading says meanwhile. Capping the
         # batch to the room left just before each pass keeps a burst waiting in the
         # kernel's backlog instead of accepting and dropping it.
+        # A port is watched again at every reload: it is wrapped once, or the wrappers would
+        # nest until an accept pass hit the recursion limit.
+        if getattr(port, "_acrrelay_capped", False):
+            return
         accept_pass = getattr(port, "doRead", None)
         if accept_pass is None or not hasattr(port, "numberAccepts"):
             return
@@ -229,6 +233,7 @@ class Relay:
             return accept_pass()
 
         port.doRead = capped_accept_pass
+        port._acrrelay_capped = True
 
     def at_limit(self) -> bool:
         return len(self.connections) >= self.max_connections
