@@ -8,7 +8,9 @@ hosts-file redirection its clients use, and falls back to the reactor's
 resolver. Connection attempts over several addresses, and their failover, are
 Twisted's :class:`~twisted.internet.endpoints.HostnameEndpoint`.
 
-Every attempt is bounded by the connect timeout, whatever the endpoint type.
+The caller bounds the whole attempt, whatever the endpoint type: the relay's protocol
+does, with the one timer it keeps per connection, by cancelling the attempt at the
+connect timeout. (``resolve`` also bounds each address's attempt by it.)
 
 Addresses that ``resolve`` finds are checked against a deny-list before any connection
 is tried (:class:`AddressGuard`): loopback, link-local, unspecified, multicast, the cloud
@@ -21,9 +23,8 @@ from __future__ import annotations
 
 import ipaddress
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Any, Final, NoReturn
+from typing import Any, Final
 
-from twisted.internet import defer
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import HostnameEndpoint, clientFromString
@@ -254,8 +255,8 @@ class BackendConnector:
     def connect(
         self, route: Route, name: str, port: int, factory: IProtocolFactory
     ) -> Deferred[IProtocol]:
-        """Connect, or fail with the endpoint's error, :class:`AddressDenied`, or
-        ``TimeoutError`` after the timeout."""
+        """Connect, or fail with the endpoint's error or :class:`AddressDenied`. Cancel the
+        result to give up (the caller's connect timeout)."""
         if route.backend != RESOLVE:
             d = self._explicit(route.backend).connect(factory)
         else:
@@ -268,11 +269,4 @@ class BackendConnector:
                 return failure
 
             d.addErrback(explain)
-        d.addTimeout(self._timeout, self._reactor, onTimeoutCancel=_timed_out)
         return d
-
-
-def _timed_out(result: object, timeout: float) -> NoReturn:
-    # Endpoints fail a cancelled attempt in their own ways (ConnectingCancelledError
-    # for TCP); once our timeout fired, the cause is the timeout, whatever they say.
-    raise defer.TimeoutError(timeout, "backend connection")

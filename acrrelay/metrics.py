@@ -12,7 +12,7 @@ the name a client asked for, and refusals carry only their reason.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING, Any, Final
 
 from prometheus_client import CollectorRegistry, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -71,6 +71,22 @@ class RelayMetrics:
             registry=self.registry,
         )
         self._relay: Relay | None = None
+        # labels() takes a lock and builds a key on every call; a connection observes
+        # each histogram once, so the children are kept, per door and per route pattern.
+        self._peek: dict[str, Any] = {}
+        self._connect: dict[str, Any] = {}
+
+    def observe_peek(self, door: str, seconds: float) -> None:
+        child = self._peek.get(door)
+        if child is None:
+            child = self._peek[door] = self.peek_seconds.labels(door)
+        child.observe(seconds)
+
+    def observe_connect(self, route: str, seconds: float) -> None:
+        child = self._connect.get(route)
+        if child is None:
+            child = self._connect[route] = self.connect_seconds.labels(route)
+        child.observe(seconds)
 
     def bind(self, relay: Relay) -> None:
         """Export ``relay``'s counters and gauges from now on."""

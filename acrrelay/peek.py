@@ -181,6 +181,7 @@ class RelayProtocol(Protocol):
         self._admitted = False
         self._timer: IDelayedCall | None = None
         self._pending: defer.Deferred[Any] | None = None
+        self._connect_timed_out = False
         self._eof_while_waiting = False
         self._refusal: str | None = None
         self._close_reason: str | None = None
@@ -197,7 +198,8 @@ class RelayProtocol(Protocol):
         self.peer = self.client = describe(peer)
         host = getattr(peer, "host", None)
         self.client_host = unmapped(host) if host is not None else None
-        self._timer = clock.callLater(self.relay.settings.peek_timeout, self._peek_timed_out)
+        # One timer for the waits before splicing: the peek, then the backend's connect.
+        self._timer = clock.callLater(self.relay.settings.peek_timeout, self._timed_out)
         if self.relay.trusts_proxy_header(self.listener, self.client_host):
             self._proxy_reader = ProxyHeaderReader()
         else:
@@ -434,8 +436,13 @@ class RelayProtocol(Protocol):
 
         check.addCallbacks(checked, failed)
 
-    def _peek_timed_out(self) -> None:
+    def _timed_out(self) -> None:
         self._timer = None
+        if self.state is State.CONNECTING and self._pending is not None:
+            # _connect_failed hears of it from the cancelled attempt, as connect_timeout.
+            self._connect_timed_out = True
+            self._pending.cancel()
+            return
         if self.state is State.PEEKING:
             detail = (
                 f"no complete request after {self.relay.settings.peek_timeout:g}s "
@@ -449,10 +456,8 @@ class RelayProtocol(Protocol):
 
     def _route(self, name: str | None, port: int) -> None:
         assert self.door is not None
-        self._cancel_timer()
         self._routed_at = self.relay.reactor.seconds()
-        metrics = self.relay.metrics
-        metrics.peek_seconds.labels(self.door.protocol).observe(self._routed_at - self.started)
+        self.relay.metrics.observe_peek(self.door.protocol, self._routed_at - self.started)
         decision = self.relay.policy.decide(self.door, name, port, self.client_host or "")
         if isinstance(decision, Refusal):
             self._refuse(decision.reason, decision.detail)
@@ -463,6 +468,7 @@ class RelayProtocol(Protocol):
         self.relay.stats.routed[(decision.name, self.door.protocol)] += 1
         self.target = (host, port)
         self.state = State.CONNECTING
+        self._arm_timer(self.relay.settings.connect_timeout)
         self.transport.pauseProducing()  # type: ignore[union-attr]
         try:
             d = self.relay.connector.connect(decision, host, port, _BACKEND_FACTORY)
@@ -476,6 +482,7 @@ class RelayProtocol(Protocol):
 
     def _connected(self, protocol: BackendProtocol) -> None:
         self._pending = None
+        self._cancel_timer()
         transport = protocol.transport
         if self.state is not State.CONNECTING:
             transport.abortConnection()  # type: ignore[union-attr]
@@ -483,8 +490,8 @@ class RelayProtocol(Protocol):
         self._connected_at = self.relay.reactor.seconds()
         self.backend_address = describe(transport.getPeer())  # type: ignore[union-attr]
         if self.route is not None and self._routed_at is not None:
-            self.relay.metrics.connect_seconds.labels(self.route.name).observe(
-                self._connected_at - self._routed_at
+            self.relay.metrics.observe_connect(
+                self.route.name, self._connected_at - self._routed_at
             )
         self.state = State.SPLICING
         settings = self.relay.settings
@@ -527,9 +534,10 @@ class RelayProtocol(Protocol):
 
     def _connect_failed(self, failure: Failure) -> None:
         self._pending = None
+        self._cancel_timer()
         if self.state is not State.CONNECTING:
             return  # the client left and we cancelled
-        if failure.check(defer.TimeoutError, error.TimeoutError):
+        if self._connect_timed_out or failure.check(defer.TimeoutError, error.TimeoutError):
             reason = "connect_timeout"
             detail = f"no connection within {self.relay.settings.connect_timeout:g}s"
         elif failure.check(AddressDenied):
@@ -541,6 +549,7 @@ class RelayProtocol(Protocol):
         self._backend_failed(reason, detail)
 
     def _backend_failed(self, reason: str, detail: str) -> None:
+        self._cancel_timer()
         self.relay.stats.backend_failures[reason] += 1
         self._log.warn(
             "{client} -> {target}: {reason} to {backend}: {detail}",
@@ -628,6 +637,12 @@ class RelayProtocol(Protocol):
             self.transport.write(answer)  # type: ignore[union-attr]
         self.transport.loseConnection()  # type: ignore[union-attr]
 
+    def _arm_timer(self, seconds: float) -> None:
+        if self._timer is not None and self._timer.active():
+            self._timer.reset(seconds)
+        else:
+            self._timer = self.relay.reactor.callLater(seconds, self._timed_out)
+
     def _cancel_timer(self) -> None:
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
@@ -663,6 +678,8 @@ class RelayProtocol(Protocol):
                 del self.relay.per_client[self.client_host]
         reason = self._close_reason or "done"
         self.relay.stats.closed[reason] += 1
+        if not self.relay.access_wanted:
+            return
         now = self.relay.reactor.seconds()
         hello = self.hello
         route = self.route

@@ -181,6 +181,12 @@ class Relay:
                 if opened and self.access_log is not None:
                     self.access_log.open()
 
+    @property
+    def access_wanted(self) -> bool:
+        """Whether anyone takes access events: with ``access_log = "off"`` and no observer,
+        connections need not build theirs."""
+        return self._access_observer is not None or self.access_log is not None
+
     def _emit_access(self, event: LogEvent) -> None:
         if self._access_observer is not None:
             self._access_observer(event)

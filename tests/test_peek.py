@@ -147,6 +147,37 @@ def test_connect_timeout_closes_the_client() -> None:
     assert h.events[-1]["close_reason"] == "connect_timeout"
 
 
+def test_connect_timeout_bounds_a_resolve_route_too() -> None:
+    """A resolve route's attempts (HostnameEndpoint) are cut at the same connect timeout,
+    counted from the routing decision, not from the accept."""
+    h = Harness()
+    protocol, transport = h.accept()
+    h.reactor.advance(3.0)  # a slow hello: the peek timer's time does not count
+    protocol.dataReceived(client_hello_bytes("bkt.oss-cn-beijing.aliyuncs.com"))
+    assert protocol.state is State.CONNECTING
+    h.reactor.advance(4.9)
+    assert not transport.disconnecting
+    h.reactor.advance(0.2)
+    assert transport.disconnecting
+    assert all(c.stoppedConnecting for c in h.reactor.connectors)
+    assert h.relay.stats.backend_failures["connect_timeout"] == 1
+    transport.protocol.connectionLost(Failure(ConnectionLost()))
+    assert h.events[-1]["close_reason"] == "connect_timeout"
+    assert h.reactor.getDelayedCalls() == []
+
+
+def test_a_connected_backend_leaves_no_connect_timer_behind() -> None:
+    """Once the backend is connected the connection's only timer is the idle one."""
+    h = Harness()
+    protocol, _ = h.accept()
+    protocol.dataReceived(HELLO)
+    h.connect_backend()
+    assert protocol.state is State.SPLICING
+    h.reactor.advance(10)  # past the connect timeout: nothing fires
+    assert protocol.state is State.SPLICING
+    assert h.relay.stats.backend_failures == {}
+
+
 def test_refused_backend_closes_the_client() -> None:
     """A backend that refuses the connection closes the client at once, with an alert."""
     h = Harness()
