@@ -198,7 +198,7 @@ class Peer:
     """
 
     name: str
-    kind: str  # acrrelay | nginx | haproxy | sniproxy
+    kind: str  # acrrelay | nginx | haproxy | sniproxy | twisted-floor
     fragment: str = ""
     about: str = ""
     #: For acrrelay variants: the [relay] keys the fragment needs.
@@ -225,6 +225,12 @@ PEERS: dict[str, Peer] = {
         ),
         Peer("haproxy-splice-auto", "haproxy", "option splice-auto", "as haproxy, splice-auto"),
         Peer("sniproxy", "sniproxy", "", "listener + table"),
+        Peer(
+            "twisted-floor",
+            "twisted-floor",
+            "",
+            "the least a Twisted relay does: read, connect, splice (bench/floor.py)",
+        ),
     )
 }
 TOOL_OF_KIND = {"nginx": "nginx", "haproxy": "haproxy", "sniproxy": "sniproxy"}
@@ -375,4 +381,7 @@ table bench {{
 """
         )
         return launch(peer.name, ["/usr/sbin/sniproxy", "-f", "-c", str(conf)], directory, port)
+    if peer.kind == "twisted-floor":
+        command = [sys.executable, "-m", "bench.floor", str(port), str(backend_port)]
+        return launch(peer.name, command, directory, port, env={"PYTHONPATH": str(REPO)})
     raise ValueError(f"unknown kind of peer: {peer.kind}")

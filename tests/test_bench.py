@@ -1,6 +1,6 @@
 """The bench's smoke run, so the harness cannot rot: ``python -m bench run --quick
---rounds 1 --only bulk,conn`` against acrrelay and HAProxy must write a Markdown table of
-real numbers, a PNG chart and the raw JSON."""
+--rounds 1 --only bulk,conn`` against acrrelay, HAProxy and the Twisted floor must write a
+Markdown table of real numbers, a PNG chart and the raw JSON."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from tests.e2e_support import clean_env
 pytestmark = pytest.mark.e2e
 
 REPO = Path(__file__).resolve().parent.parent
-PEERS = ("acrrelay", "haproxy")
+PEERS = ("acrrelay", "haproxy", "twisted-floor")
 
 
 def _table(markdown: str) -> dict[str, dict[str, str]]:
