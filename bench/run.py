@@ -552,7 +552,8 @@ def run(plan: Plan, *, log: Callable[[str], None] = _log) -> Outcome:
         try:
             for round_no in range(1, plan.rounds + 1):
                 for test in plan.tests:
-                    for i, target in enumerate(rotated(peers, round_no - 1)):
+                    takers = [p for p in peers if test in (servers.PEERS[p].tests or (test,))]
+                    for i, target in enumerate(rotated(takers, round_no - 1)):
                         if test not in DIRECT_TESTS:
                             records.append(_measure(bench, round_no, test, target, log))
                             continue

@@ -203,6 +203,8 @@ class Peer:
     about: str = ""
     #: For acrrelay variants: the [relay] keys the fragment needs.
     keys: tuple[str, ...] = field(default=())
+    #: The tests this peer takes part in (None: all of them).
+    tests: tuple[str, ...] | None = None
 
 
 PEERS: dict[str, Peer] = {
@@ -230,6 +232,8 @@ PEERS: dict[str, Peer] = {
             "twisted-floor",
             "",
             "the least a Twisted relay does: read, connect, splice (bench/floor.py)",
+            # What it costs is the point; its memory is no one's concern.
+            tests=("bulk", "conn", "ttfb"),
         ),
     )
 }
