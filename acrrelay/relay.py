@@ -171,6 +171,7 @@ class Relay:
         }
         if config.max_connections:
             self.max_connections = config.max_connections
+            self._resume_if_room()
         if self._own_access_log:
             target = config.access_log
             if self.access_log is None or self.access_log.target != target:
@@ -256,6 +257,10 @@ class Relay:
 
     def closed(self, connection: RelayProtocol) -> None:
         self.connections.pop(connection.id, None)
+        self._resume_if_room()
+
+    def _resume_if_room(self) -> None:
+        """Start accepting again if a pause at the limit is over (a close, a higher limit)."""
         if not self.accepting and not self.draining and not self.at_limit():
             self.accepting = True
             for port in self._ports:

@@ -14,6 +14,7 @@ from twisted.internet.error import ConnectionDone, ConnectionLost
 from twisted.python.failure import Failure
 
 from acrrelay.backends import DENIED_NETWORKS, AddressGuard
+from acrrelay.config import parse_config
 from acrrelay.peek import RelayProtocol, State
 from acrrelay.proxyproto import ProxyHeaderReader, encode_v1, encode_v2
 from acrrelay.testing import client_hello_bytes
@@ -672,6 +673,19 @@ def test_global_limit_pauses_accepting() -> None:
     connections[0].connectionLost(Failure(ConnectionLost()))
     assert port.reading
     assert h.relay.stats.limit_pauses == 1
+
+
+def test_a_reload_that_raises_the_limit_resumes_accepting_at_once() -> None:
+    """Paused at max_connections, a reload with a higher limit starts accepting again
+    without waiting for a connection to close."""
+    h = Harness(LIMITS)
+    port = FakePort()
+    h.relay.watch_ports([port])
+    for i in range(3):
+        h.accept((f"192.0.2.{i}", 1))
+    assert not port.reading
+    h.relay.apply(parse_config(LIMITS.replace("max_connections = 3", "max_connections = 10")))
+    assert port.reading and h.relay.accepting
 
 
 class FakeTCPPort(FakePort):
