@@ -71,7 +71,22 @@ def main(argv: list[str] | None = None) -> int:
         "report", help="render latest.md and latest.png again from a run's latest.json"
     )
     again.add_argument("--out", type=Path, default=RESULTS, help="where latest.json is")
+    prof = commands.add_parser(
+        "profile",
+        help="py-spy on acrrelay during the connection-rate test: bench/results/profile-conn.md",
+    )
+    prof.add_argument("--seconds", type=int, default=8, help="how long wrk runs (default 8)")
+    prof.add_argument("--out", type=Path, default=RESULTS, help="where profile-conn.md goes")
     args = parser.parse_args(argv)
+    if args.command == "profile":
+        from bench.profile import profile
+
+        try:
+            profile(args.out, args.seconds)
+        except ToolMissing as e:
+            print(f"bench: {e}", file=sys.stderr)
+            return 2
+        return 0
     if args.command == "report":
         text = report.write(load_json(args.out / "latest.json"), args.out)
         print(text)

@@ -102,3 +102,30 @@ def _cmdline(pid: int) -> str:
     except OSError:
         return ""
     return raw.replace(b"\0", b" ").decode(errors="replace")
+
+
+def test_profile_writes_shares_that_add_up(tmp_path: Path) -> None:
+    """``python -m bench profile`` samples a busy relay and writes its CPU per connection,
+    split into user and kernel time, and frames whose self shares are real fractions."""
+    out = tmp_path / "results"
+    done = subprocess.run(
+        [sys.executable, "-m", "bench", "profile", "--seconds", "2", "--out", str(out)],
+        cwd=REPO,
+        env={**clean_env(tmp_path), "PYTHONPATH": str(REPO)},
+        capture_output=True,
+        text=True,
+        timeout=170,
+        check=False,
+    )
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
+    text = (out / "profile-conn.md").read_text()
+    cpu = re.search(r"\*\*(\d+) µs\*\* \((\d+) µs user, (\d+) µs kernel\)", text)
+    assert cpu, text[:1000]
+    total, user, kernel = (int(g) for g in cpu.groups())
+    assert total > 0 and abs(user + kernel - total) <= 1
+    samples = int(re.search(r"py-spy: (\d+) samples", text).group(1))  # type: ignore[union-attr]
+    assert samples > 20, text[:1000]
+    own = text.split("## Self")[1]
+    shares = [float(m) for m in re.findall(r"^\| ([\d.]+)% \|", own, re.M)]
+    assert shares and 0 < sum(shares) <= 100.5
+    assert "RelayProtocol" in text  # our own frames are seen
