@@ -10,7 +10,10 @@ random (seeded): small plain-HTTP requests, blobs of 1 KiB to 1 MiB over plain H
 over TLS, a few large blobs, and faults: backends that reset mid-blob, clients that reset
 mid-blob, clients that connect and send nothing or one byte. Every blob is checked by
 sha256; every fault must end the way the relay promises (a backend's reset reaches the
-client as a reset after the bytes it sent; a silent client is closed at the peek timeout).
+client as a reset, after every byte the relay read from that backend, which its access log
+counts as ``bytes_down``; a silent client is closed at the peek timeout). Bytes a backend
+wrote but still held in its own kernel when it reset die with the reset before the relay
+can read them: such a transfer is counted as cut short by the backend, not as an error.
 
 It samples the relay's RSS, open file descriptors and active connections (from its
 metrics page) as it goes, and writes ``soak-<time>.png`` (the three over time),

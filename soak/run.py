@@ -24,7 +24,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections import Counter
+from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -109,6 +109,16 @@ def _request(conn: socket.socket, host: str, target: str) -> None:
     conn.sendall(f"GET {target} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n".encode())
 
 
+def _parse_head(head: bytes) -> tuple[int, dict[str, str]]:
+    """A response head, its blank line excluded: (status, headers by lower-case name)."""
+    status_line, *lines = head.decode("latin-1").split("\r\n")
+    headers = {}
+    for line in lines:
+        key, _, value = line.partition(":")
+        headers[key.strip().lower()] = value.strip()
+    return int(status_line.split()[1]), headers
+
+
 def _read_head(conn: socket.socket) -> tuple[int, dict[str, str], bytes]:
     buf = bytearray()
     while b"\r\n\r\n" not in buf:
@@ -117,12 +127,7 @@ def _read_head(conn: socket.socket) -> tuple[int, dict[str, str], bytes]:
             raise SoakError(f"EOF before the end of the response head: {bytes(buf[:200])!r}")
         buf += data
     head, _, rest = bytes(buf).partition(b"\r\n\r\n")
-    status_line, *lines = head.decode("latin-1").split("\r\n")
-    headers = {}
-    for line in lines:
-        key, _, value = line.partition(":")
-        headers[key.strip().lower()] = value.strip()
-    return int(status_line.split()[1]), headers, rest
+    return (*_parse_head(head), rest)
 
 
 def _check_blob(conn: socket.socket) -> int:
@@ -160,6 +165,66 @@ def _blob_prefix(size: int, seed: int) -> bytes:
         return known
 
 
+@dataclass(frozen=True)
+class ResetSeen:
+    """What the client of one backend reset got, to set against the relay's access entry."""
+
+    #: The client's address as the access log writes it.
+    client: str
+    #: Bytes the client got before the reset, the response head included.
+    received: int
+    #: Whether those were the whole head and every body byte the backend wrote.
+    complete: bool
+
+
+@dataclass
+class ResetAudit:
+    """The backend resets, each against the relay's own count of the bytes it read.
+
+    The relay promises that what it read before a reset reaches the client. What the
+    backend wrote but its kernel still held when it reset is lost with the reset, before
+    the relay could read it: a transfer cut short so is the backend's doing, not an error.
+    """
+
+    #: Resets whose client got exactly the bytes the relay logged as read (bytes_down).
+    delivered: int = 0
+    #: Of those, the ones where the relay had read less than the backend wrote.
+    cut_short: int = 0
+    errors: list[str] = field(default_factory=list)
+
+
+def _audit_resets(seen: list[ResetSeen], entries: list[dict[str, Any]]) -> ResetAudit:
+    """Match each backend reset to its access entry by client address, in order (an
+    address is reused only long after, so one address's resets came one after another)."""
+    logged: defaultdict[str, list[dict[str, Any]]] = defaultdict(list)
+    for entry in entries:
+        if entry.get("close_reason") == "backend_reset":
+            logged[entry.get("client", "?")].append(entry)
+    resets: defaultdict[str, list[ResetSeen]] = defaultdict(list)
+    for one in seen:
+        resets[one.client].append(one)
+    audit = ResetAudit()
+    for client, mine in resets.items():
+        found = logged.get(client, [])
+        if len(found) != len(mine):
+            audit.errors.append(
+                f"{len(mine)} backend resets from {client} reached the client, "
+                f"{len(found)} were logged backend_reset"
+            )
+            continue
+        for one, entry in zip(mine, found, strict=True):
+            read = entry.get("bytes_down")
+            if one.received == read:
+                audit.delivered += 1
+                audit.cut_short += not one.complete
+            else:
+                audit.errors.append(
+                    f"a backend reset from {client}: the client got {one.received} bytes, "
+                    f"the relay read {read} (access entry {entry.get('id')})"
+                )
+    return audit
+
+
 def _reset(sock: socket.socket) -> None:
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
     sock.close()
@@ -173,8 +238,8 @@ class Clients:
         self.port = relay.port
         self.context = ca.client_context()
         self.reaper = reaper
-        #: Backend resets whose bytes arrived only in part (the relay's flush is bounded).
-        self.short_resets = 0
+        #: Every backend reset that reached its client as a reset, for :func:`_audit_resets`.
+        self.resets: list[ResetSeen] = []
 
     def small(self, rng: random.Random, source: str) -> int:
         with _connect(self.port, source) as sock:
@@ -208,28 +273,34 @@ class Clients:
             return _check_blob(tls)
 
     def backend_reset(self, rng: random.Random, source: str) -> int:
+        """The backend resets after ``after`` body bytes. Whether the client got all the
+        relay read is judged at the end, from the access log (:func:`_audit_resets`)."""
         after, seed = rng.choice(RESET_AFTER), rng.choice(SEEDS)
         with _connect(self.port, source) as sock:
+            client = "{}:{}".format(*sock.getsockname())
             _request(sock, BUCKET, f"/reset?size={RESET_SIZE}&after={after}&seed={seed}")
-            status, _, body = _read_head(sock)
-            received = bytearray(body)
+            raw = bytearray()
             try:
                 while data := sock.recv(65536):
-                    received += data
+                    raw += data
             except ConnectionResetError:
                 pass
             else:
                 raise SoakError(
                     f"a backend reset after {after} bytes reached the client as a clean "
-                    f"close after {len(received)}"
+                    f"close after {len(raw)}"
                 )
-        if status != 200 or len(received) > after:
-            raise SoakError(f"status {status}, {len(received)} bytes of {after} sent")
-        if received != _blob_prefix(after, seed)[: len(received)]:
-            raise SoakError(f"the {len(received)} bytes before the reset differ from those sent")
-        if len(received) < after:
-            self.short_resets += 1
-        return len(received)
+            head, blank, body = bytes(raw).partition(b"\r\n\r\n")
+            # Noted before the socket closes, so no later connection has this address yet.
+            self.resets.append(ResetSeen(client, len(raw), bool(blank) and len(body) == after))
+        if not blank:
+            return 0  # the reset took part of the head: only the audit can judge that
+        status, _ = _parse_head(head)
+        if status != 200 or len(body) > after:
+            raise SoakError(f"status {status}, {len(body)} bytes of {after} sent")
+        if body != _blob_prefix(after, seed)[: len(body)]:
+            raise SoakError(f"the {len(body)} bytes before the reset differ from those sent")
+        return len(body)
 
     def client_reset(self, rng: random.Random, source: str) -> int:
         after, seed = rng.choice(CLIENT_RESET_AFTER), rng.choice(SEEDS)
@@ -291,11 +362,11 @@ class Reaper:
         while not self._stop.is_set():
             while True:
                 try:
-                    sock, began = self._incoming.get_nowait()
+                    incoming, began = self._incoming.get_nowait()
                 except queue.Empty:
                     break
-                sock.setblocking(False)
-                self._selector.register(sock, selectors.EVENT_READ, began)
+                incoming.setblocking(False)
+                self._selector.register(incoming, selectors.EVENT_READ, began)
             if not self._selector.get_map():
                 time.sleep(0.05)
                 continue
@@ -576,10 +647,17 @@ def _soak(options: SoakOptions, relay: Relay, ca: TestCA, stamp: str, problems: 
     entries = _access_entries(relay)
     reasons = Counter(e.get("close_reason", "?") for e in entries)
     expected = WARM_UP + options.connections
-    errors = sum(tally.failed.values()) + sum(warm.failed.values()) + len(reaper.errors)
+    audit = _audit_resets(clients.resets, entries)
+    errors = (
+        sum(tally.failed.values())
+        + sum(warm.failed.values())
+        + len(reaper.errors)
+        + len(audit.errors)
+    )
     if warm.failed or tally.failed:
         problems += warm.errors + tally.errors
     problems += reaper.errors[:20]
+    problems += audit.errors[:20]
     if unreaped:
         problems.append(f"{unreaped} silent clients were never closed by the relay")
     if still_active:
@@ -601,7 +679,9 @@ def _soak(options: SoakOptions, relay: Relay, ca: TestCA, stamp: str, problems: 
         f"soak: {options.connections} connections in {elapsed:.1f} s "
         f"({options.connections / elapsed:.0f}/s, {tally.moved / MiB:.0f} MiB checked), "
         f"{errors} errors; faults: {tally.ok['backend_reset']} backend resets "
-        f"({clients.short_resets} cut short), {tally.ok['client_reset']} client resets, "
+        f"({audit.delivered}/{len(clients.resets)} delivered all the relay read, "
+        f"{audit.cut_short} of them cut short by the backend's reset before the relay read "
+        f"it all), {tally.ok['client_reset']} client resets, "
         f"{len(reaper.lives)} silent clients reaped after {lives[0]:.2f}-{lives[-1]:.2f} s; "
         f"relay RSS {base_rss / MiB:.1f} -> {end_rss / MiB:.1f} MiB (peak "
         f"{peak_rss / MiB:.1f}), fds {base_fds} -> {end_fds} (peak {peak_fds}), active "
