@@ -22,7 +22,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol, TypeVar
 
 from acrrelay.clienthello import NEED_MORE, ClientHelloError, ClientHelloReader
 from acrrelay.httphead import HttpHeadError, HttpHeadReader
@@ -40,6 +40,7 @@ V2_FIXED = 16
 PLANTED_ENV = "ACRRELAY_FUZZ_PLANTED"
 
 Check = Callable[[bytes], None]
+_R = TypeVar("_R", bound="_Reader")
 
 
 def _cuts(data: bytes) -> tuple[list[int], bytes]:
@@ -80,6 +81,26 @@ def _outcome(
         return ("error", getattr(e, "reason", None))
 
 
+class _Reader(Protocol):
+    def feed(self, data: bytes) -> Any: ...
+
+
+def _whole_and_split(
+    make: Callable[[], _R],
+    data: bytes,
+    error: type[Exception],
+    within: Callable[[_R], Check],
+) -> tuple[Any, Any, _R, _R, bytes]:
+    """Feed the payload once whole and once in the pieces ``data`` chose, each to a new
+    reader whose buffers ``within`` checks: (whole outcome, split outcome, the whole
+    reader, the split reader, the payload)."""
+    cuts, payload = _cuts(data)
+    whole_reader, split_reader = make(), make()
+    whole = _outcome(whole_reader.feed, [payload] if payload else [], error, within(whole_reader))
+    split = _outcome(split_reader.feed, _pieces(payload, cuts), error, within(split_reader))
+    return whole, split, whole_reader, split_reader, payload
+
+
 def _hello_within_limit(reader: ClientHelloReader) -> Check:
     def check(piece: bytes) -> None:
         # Record headers count too: the relay's peek buffer holds them.
@@ -89,20 +110,8 @@ def _hello_within_limit(reader: ClientHelloReader) -> Check:
 
 
 def client_hello(data: bytes) -> None:
-    cuts, payload = _cuts(data)
-    whole_reader = ClientHelloReader(LIMIT)
-    whole = _outcome(
-        whole_reader.feed,
-        [payload] if payload else [],
-        ClientHelloError,
-        _hello_within_limit(whole_reader),
-    )
-    split_reader = ClientHelloReader(LIMIT)
-    split = _outcome(
-        split_reader.feed,
-        _pieces(payload, cuts),
-        ClientHelloError,
-        _hello_within_limit(split_reader),
+    whole, split, *_ = _whole_and_split(
+        lambda: ClientHelloReader(LIMIT), data, ClientHelloError, _hello_within_limit
     )
     assert whole == split, (whole, split)
 
@@ -117,17 +126,8 @@ def _head_within_limit(reader: HttpHeadReader) -> Check:
 
 
 def http_head(data: bytes) -> None:
-    cuts, payload = _cuts(data)
-    whole_reader = HttpHeadReader(LIMIT)
-    whole = _outcome(
-        whole_reader.feed,
-        [payload] if payload else [],
-        HttpHeadError,
-        _head_within_limit(whole_reader),
-    )
-    split_reader = HttpHeadReader(LIMIT)
-    split = _outcome(
-        split_reader.feed, _pieces(payload, cuts), HttpHeadError, _head_within_limit(split_reader)
+    whole, split, whole_reader, split_reader, payload = _whole_and_split(
+        lambda: HttpHeadReader(LIMIT), data, HttpHeadError, _head_within_limit
     )
     assert whole == split, (whole, split)
     if whole[0] != "need-more":
@@ -160,21 +160,10 @@ def _proxy_within_limit(reader: ProxyHeaderReader) -> Check:
 
 
 def proxy_header(data: bytes) -> None:
-    cuts, payload = _cuts(data)
-    whole_reader = ProxyHeaderReader(DEFAULT_MAX_V2_LENGTH)
-    whole = _outcome(
-        whole_reader.feed,
-        [payload] if payload else [],
-        ProxyProtocolError,
-        _proxy_within_limit(whole_reader),
-    )
-    split_reader = ProxyHeaderReader(DEFAULT_MAX_V2_LENGTH)
-    split = _outcome(
-        split_reader.feed,
-        _pieces(payload, cuts),
-        ProxyProtocolError,
-        _proxy_within_limit(split_reader),
-    )
+    whole, split, whole_reader, _, payload = _whole_and_split(
+        lambda: ProxyHeaderReader(DEFAULT_MAX_V2_LENGTH), data, ProxyProtocolError,
+        _proxy_within_limit,
+    )  # fmt: skip
     if whole[0] == "done" and split[0] == "done":
         # The header is the same; the bytes after it come in pieces when split.
         assert whole[1][0] == split[1][0], (whole, split)
