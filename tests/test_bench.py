@@ -125,6 +125,9 @@ def test_profile_writes_shares_that_add_up(tmp_path: Path) -> None:
     assert total > 0 and abs(user + kernel - total) <= 1
     samples = int(re.search(r"py-spy: (\d+) samples", text).group(1))  # type: ignore[union-attr]
     assert samples > 20, text[:1000]
+    inclusive = text.split("## Inclusive")[1].split("## Self")[0]
+    rows = re.findall(r"^\| ([\d.]+)% \| `(.*)` \|$", inclusive, re.M)
+    assert len(rows) >= 5 and all(float(share) < 100 for share, _ in rows), inclusive
     own = text.split("## Self")[1]
     shares = [float(m) for m in re.findall(r"^\| ([\d.]+)% \|", own, re.M)]
     assert shares and 0 < sum(shares) <= 100.5
