@@ -40,7 +40,15 @@ from twisted.internet.interfaces import (
 )
 from zope.interface import implementer
 
-from acrrelay.routing import RESOLVE, IPAddress, IPNetwork, Route, client_ip, normalize_name
+from acrrelay.routing import (
+    RESOLVE,
+    IPAddress,
+    IPNetwork,
+    Route,
+    client_ip,
+    ipv4_unmapped,
+    normalize_name,
+)
 
 __all__ = [
     "DENIED_NETWORKS",
@@ -96,8 +104,7 @@ class AddressGuard:
         ``::`` as to 127.0.0.1 and ::1), where a wildcard listener answers too: all count
         as the loopback address, which a wildcard listener's own pairs include.
         """
-        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-            address = address.ipv4_mapped
+        address = ipv4_unmapped(address)
         if address.is_loopback or address.is_unspecified:
             return ipaddress.ip_address("127.0.0.1" if address.version == 4 else "::1")
         return address

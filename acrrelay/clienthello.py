@@ -246,45 +246,22 @@ def _parse_body(body: bytes) -> tuple[str | None, tuple[str, ...], bool, bool]:
         raise _malformed(f"ClientHello version {body[0]}.{body[1]}")
     if end < 34:
         raise _truncated("random")
-    pos = 34
-    if pos >= end:
-        raise _truncated("session id")
-    length = body[pos]
-    pos += 1
-    if length > end - pos:
-        raise _truncated("session id")
-    if length > 32:
+    session_end = _vector8(body, 34, end, "session id")
+    if session_end - 35 > 32:
         raise _malformed("session id longer than 32 bytes")
-    pos += length
-    if end - pos < 2:
-        raise _truncated("cipher suites")
-    length = (body[pos] << 8) | body[pos + 1]
-    pos += 2
-    if length > end - pos:
-        raise _truncated("cipher suites")
-    if length == 0 or length % 2:
+    suites_end = _vector16(body, session_end, end, "cipher suites")
+    suites = suites_end - session_end - 2
+    if suites == 0 or suites % 2:
         raise _malformed("cipher suite list is empty or odd")
-    pos += length
-    if pos >= end:
-        raise _truncated("compression methods")
-    length = body[pos]
-    pos += 1
-    if length > end - pos:
-        raise _truncated("compression methods")
-    if length == 0:
+    compression_end = _vector8(body, suites_end, end, "compression methods")
+    if compression_end == suites_end + 1:
         raise _malformed("compression method list is empty")
-    pos += length
-    if pos == end:
+    if compression_end == end:
         # A hello without extensions (SSLv3 style) is well-formed but carries no SNI.
         return _NO_EXTENSIONS
-    if end - pos < 2:
-        raise _truncated("extensions")
-    length = (body[pos] << 8) | body[pos + 1]
-    pos += 2
-    if length > end - pos:
-        raise _truncated("extensions")
-    if length < end - pos:
+    if _vector16(body, compression_end, end, "extensions") != end:
         raise _malformed("bytes after the extensions block")
+    pos = compression_end + 2
 
     seen: set[int] = set()
     server_name: str | None = None
@@ -294,17 +271,11 @@ def _parse_body(body: bytes) -> tuple[str | None, tuple[str, ...], bool, bool]:
     while pos < end:
         if end - pos < 2:
             raise _truncated("extension type")
-        if end - pos < 4:
-            raise _truncated("extension body")
         ext_type = (body[pos] << 8) | body[pos + 1]
-        length = (body[pos + 2] << 8) | body[pos + 3]
-        pos += 4
-        if length > end - pos:
-            raise _truncated("extension body")
+        start, pos = pos + 4, _vector16(body, pos + 2, end, "extension body")
         if ext_type in seen:
             raise _malformed(f"extension {ext_type} appears twice")
         seen.add(ext_type)
-        start, pos = pos, pos + length
         if ext_type == _EXT_SERVER_NAME:
             server_name = _parse_server_name(body, start, pos)
         elif ext_type == _EXT_ALPN:
@@ -316,8 +287,18 @@ def _parse_body(body: bytes) -> tuple[str | None, tuple[str, ...], bool, bool]:
     return server_name, alpn, tls13, ech
 
 
+def _vector8(body: bytes, pos: int, end: int, what: str) -> int:
+    """The end of the 1-byte-length vector at ``pos``, which must fit before ``end``."""
+    if pos >= end:
+        raise _truncated(what)
+    length = body[pos]
+    if length > end - pos - 1:
+        raise _truncated(what)
+    return pos + 1 + length
+
+
 def _vector16(body: bytes, pos: int, end: int, what: str) -> int:
-    """The end of the 2-byte-length vector at ``pos``, which must fill up to ``end``."""
+    """The end of the 2-byte-length vector at ``pos``, which must fit before ``end``."""
     if end - pos < 2:
         raise _truncated(what)
     length = (body[pos] << 8) | body[pos + 1]
@@ -364,28 +345,20 @@ def _parse_alpn(body: bytes, pos: int, end: int) -> tuple[str, ...]:
     pos += 2
     out: list[str] = []
     while pos < list_end:
-        length = body[pos]
-        pos += 1
-        if length > list_end - pos:
-            raise _truncated("ALPN protocol")
-        if not length:
+        name_end = _vector8(body, pos, list_end, "ALPN protocol")
+        if name_end == pos + 1:
             raise _malformed("empty ALPN protocol name")
-        out.append(body[pos : pos + length].decode("latin-1"))
-        pos += length
+        out.append(body[pos + 1 : name_end].decode("latin-1"))
+        pos = name_end
     if not out:
         raise _malformed("empty ALPN list")
     return tuple(out)
 
 
 def _offers_tls13(body: bytes, pos: int, end: int) -> bool:
-    if pos >= end:
-        raise _truncated("supported versions")
-    length = body[pos]
+    versions_end = _vector8(body, pos, end, "supported versions")
     pos += 1
-    if length > end - pos:
-        raise _truncated("supported versions")
-    versions_end = pos + length
-    if length % 2:
+    if (versions_end - pos) % 2:
         raise _truncated("supported version")
     while pos < versions_end:
         if body[pos] == 0x03 and body[pos + 1] == 0x04:

@@ -534,7 +534,6 @@ class RelayProtocol(Protocol):
 
     def _connect_failed(self, failure: Failure) -> None:
         self._pending = None
-        self._cancel_timer()
         if self.state is not State.CONNECTING:
             return  # the client left and we cancelled
         if self._connect_timed_out or failure.check(defer.TimeoutError, error.TimeoutError):

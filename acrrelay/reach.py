@@ -18,7 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 import attrs
 
 from acrrelay.config import RelayConfig
-from acrrelay.routing import IPAddress, IPNetwork
+from acrrelay.routing import IPAddress, IPNetwork, ipv4_unmapped
 
 __all__ = ["Resolution", "covering", "exact_cidrs", "resolve_config"]
 
@@ -123,10 +123,7 @@ def _addresses(resolutions: Iterable[Resolution]) -> list[IPAddress]:
     found: set[IPAddress] = set()
     for resolution in resolutions:
         for text in resolution.addresses:
-            address = ipaddress.ip_address(text)
-            if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
-                address = address.ipv4_mapped
-            found.add(address)
+            found.add(ipv4_unmapped(ipaddress.ip_address(text)))
     return sorted(found, key=lambda a: (a.version, a))
 
 

@@ -267,15 +267,19 @@ class ListenerPolicy:
 _NO_NAME_REASON: Final = {"tls": "no_sni", "http": "no_host"}
 
 
-def client_ip(client: str) -> IPAddress | None:
-    """The client's IP address (IPv4-mapped IPv6 as IPv4), or None if it has none."""
-    try:
-        address = ipaddress.ip_address(client)
-    except ValueError:
-        return None
+def ipv4_unmapped(address: IPAddress) -> IPAddress:
+    """An IPv4-mapped IPv6 address (``::ffff:192.0.2.1``) as the IPv4 address it is."""
     if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
         return address.ipv4_mapped
     return address
+
+
+def client_ip(client: str) -> IPAddress | None:
+    """The client's IP address (IPv4-mapped IPv6 as IPv4), or None if it has none."""
+    try:
+        return ipv4_unmapped(ipaddress.ip_address(client))
+    except ValueError:
+        return None
 
 
 class Policy:

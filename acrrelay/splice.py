@@ -430,7 +430,7 @@ def send_now(transport: ITransport, data: bytes) -> None:
         and not getattr(transport, "disconnecting", True)
         and not getattr(transport, "_writeDisconnecting", True)
         and not getattr(transport, "_writeDisconnected", True)
-        and not _queued(transport)
+        and zerocopy.twisted_buffered(transport) == 0
     ):
         try:
             sent = transport.getHandle().send(data)  # type: ignore[attr-defined]
@@ -440,14 +440,6 @@ def send_now(transport: ITransport, data: bytes) -> None:
             return
         data = data[sent:]
     transport.write(data)
-
-
-def _queued(transport: Any) -> int:
-    """Bytes in a transport's own write buffer (all of them, if it has no such buffer)."""
-    try:
-        return len(transport.dataBuffer) - transport.offset + transport._tempDataLen  # type: ignore[no-any-return]
-    except AttributeError:
-        return 1
 
 
 def reset_not_eof(transport: Any) -> bool:
@@ -471,8 +463,7 @@ def reset_not_eof(transport: Any) -> bool:
 
 def _unsent(transport: ITransport) -> int:
     """Bytes written to ``transport`` that its peer has not acknowledged yet."""
-    pending = len(getattr(transport, "dataBuffer", b"")) - getattr(transport, "offset", 0)
-    pending += getattr(transport, "_tempDataLen", 0)
+    pending = zerocopy.twisted_buffered(transport) or 0
     if pending:
         return pending
     handle = transport.getHandle() if hasattr(transport, "getHandle") else None

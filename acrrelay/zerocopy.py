@@ -38,7 +38,7 @@ from typing import Any, Final
 from twisted.internet import error, main
 from twisted.internet.interfaces import IReactorTime
 
-__all__ = ["AVAILABLE", "PROMOTE_AFTER", "SpliceDirection", "promote"]
+__all__ = ["AVAILABLE", "PROMOTE_AFTER", "SpliceDirection", "promote", "twisted_buffered"]
 
 #: splice(2) exists here (Linux, Python 3.10+).
 AVAILABLE: Final = hasattr(os, "splice") and hasattr(os, "pipe2")
@@ -59,9 +59,13 @@ MIN_PIPE: Final = 64 * 1024
 _GONE: Final = (errno.EPIPE, errno.ECONNRESET, errno.ENOTCONN, errno.ESHUTDOWN)
 
 
-def _twisted_buffered(transport: Any) -> int:
-    """Bytes waiting in a transport's own (userspace) write buffer."""
-    pending: int = len(transport.dataBuffer) - transport.offset + transport._tempDataLen
+def twisted_buffered(transport: Any) -> int | None:
+    """Bytes waiting in a transport's own (userspace) write buffer, or None if it keeps
+    none the way Twisted's socket transports do (a test double, a TLS transport)."""
+    try:
+        pending: int = len(transport.dataBuffer) - transport.offset + transport._tempDataLen
+    except AttributeError:
+        return None
     return pending
 
 
@@ -118,7 +122,7 @@ class SpliceDirection:
             # The destination is behind: stop reading until the pipe drains.
             self._hold()
             return None
-        if _twisted_buffered(self.destination):
+        if twisted_buffered(self.destination):
             return self._normal_read()  # keep order behind bytes Twisted still holds
         for _ in range(BURST):
             try:
@@ -159,7 +163,7 @@ class SpliceDirection:
     def do_write(self) -> Any:
         if self._destination_error is not None:
             return self._destination_error
-        if _twisted_buffered(self.destination):
+        if twisted_buffered(self.destination):
             return self._normal_write()
         if self.pending:
             self._drain()

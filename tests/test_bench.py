@@ -21,6 +21,21 @@ REPO = Path(__file__).resolve().parent.parent
 PEERS = ("acrrelay", "haproxy", "twisted-floor")
 
 
+def _bench(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """``python -m bench ARGS`` from this tree, in a clean environment; it must succeed."""
+    done = subprocess.run(
+        [sys.executable, "-m", "bench", *args],
+        cwd=REPO,
+        env={**clean_env(tmp_path), "PYTHONPATH": str(REPO)},
+        capture_output=True,
+        text=True,
+        timeout=170,
+        check=False,
+    )
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
+    return done
+
+
 def _table(markdown: str) -> dict[str, dict[str, str]]:
     """The first Markdown table: row name -> {column heading: cell}."""
     lines = [line for line in markdown.splitlines() if line.startswith("|")]
@@ -38,30 +53,10 @@ def test_quick_bench_reports_real_numbers_for_acrrelay_and_a_peer(tmp_path: Path
     """A quick bulk and connection-rate run yields positive, plausible figures for direct,
     acrrelay and HAProxy, plus the chart and every raw measurement."""
     out = tmp_path / "results"
-    done = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "bench",
-            "run",
-            "--quick",
-            "--rounds",
-            "1",
-            "--only",
-            "bulk,conn",
-            "--peers",
-            ",".join(PEERS),
-            "--out",
-            str(out),
-        ],
-        cwd=REPO,
-        env={**clean_env(tmp_path), "PYTHONPATH": str(REPO)},
-        capture_output=True,
-        text=True,
-        timeout=170,
-        check=False,
-    )
-    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
+    done = _bench(
+        tmp_path, "run", "--quick", "--rounds", "1", "--only", "bulk,conn",
+        "--peers", ",".join(PEERS), "--out", str(out),
+    )  # fmt: skip
     markdown = (out / "latest.md").read_text()
     assert "| bulk \u00d7 direct |" in done.stdout  # the table is printed too
 
@@ -108,16 +103,7 @@ def test_profile_writes_shares_that_add_up(tmp_path: Path) -> None:
     """``python -m bench profile`` samples a busy relay and writes its CPU per connection,
     split into user and kernel time, and frames whose self shares are real fractions."""
     out = tmp_path / "results"
-    done = subprocess.run(
-        [sys.executable, "-m", "bench", "profile", "--seconds", "2", "--out", str(out)],
-        cwd=REPO,
-        env={**clean_env(tmp_path), "PYTHONPATH": str(REPO)},
-        capture_output=True,
-        text=True,
-        timeout=170,
-        check=False,
-    )
-    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
+    _bench(tmp_path, "profile", "--seconds", "2", "--out", str(out))
     text = (out / "profile-conn.md").read_text()
     cpu = re.search(r"\*\*(\d+) µs\*\* \((\d+) µs user, (\d+) µs kernel\)", text)
     assert cpu, text[:1000]

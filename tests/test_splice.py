@@ -218,6 +218,9 @@ class Buffering(PipeEnd):
     """A transport whose writes sit in a buffer until the test says they went out."""
 
     connected = True
+    # The parts of Twisted's write buffer the relay reads, as on a socket transport.
+    dataBuffer = b""
+    offset = 0
 
     def __init__(self) -> None:
         super().__init__()
