@@ -27,6 +27,7 @@ from acrrelay.backends import BackendConnector
 from acrrelay.config import ListenerConfig, RelayConfig
 from acrrelay.metrics import RelayMetrics
 from acrrelay.routing import ListenerPolicy, Policy, Refusal, client_ip
+from acrrelay.twistedinternals import cap_accept_batches
 
 if TYPE_CHECKING:
     from acrrelay.peek import RelayProtocol
@@ -222,25 +223,7 @@ class Relay:
             self._cap_accept_batches(port)
 
     def _cap_accept_batches(self, port: Any) -> None:
-        # A TCP port accepts up to `numberAccepts` connections in one pass (and adjusts
-        # that number after each pass), whatever stopReading says meanwhile. Capping the
-        # batch to the room left just before each pass keeps a burst waiting in the
-        # kernel's backlog instead of accepting and dropping it.
-        # A port is watched again at every reload: it is wrapped once, or the wrappers would
-        # nest until an accept pass hit the recursion limit.
-        if getattr(port, "_acrrelay_capped", False):
-            return
-        accept_pass = getattr(port, "doRead", None)
-        if accept_pass is None or not hasattr(port, "numberAccepts"):
-            return
-
-        def capped_accept_pass() -> Any:
-            room = self.max_connections - len(self.connections)
-            port.numberAccepts = max(1, min(port.numberAccepts, room))
-            return accept_pass()
-
-        port.doRead = capped_accept_pass
-        port._acrrelay_capped = True
+        cap_accept_batches(port, lambda: self.max_connections - len(self.connections))
 
     def at_limit(self) -> bool:
         return len(self.connections) >= self.max_connections

@@ -47,6 +47,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from acrrelay import zerocopy
+from acrrelay.twistedinternals import buffered_bytes, can_send_now, is_connected
 
 __all__ = ["BackendProtocol", "IdleTimer", "Pump", "PumpResult", "Valve"]
 
@@ -340,7 +341,7 @@ class Pump:
 
         def step() -> None:
             nonlocal wait
-            if not getattr(transport, "connected", False):
+            if not is_connected(transport):
                 return
             # A peer that is gone (its reset arrived, the socket is closed) will never
             # take the rest: stop waiting for it.
@@ -425,13 +426,7 @@ def send_now(transport: ITransport, data: bytes) -> None:
     every error, goes to ``transport.write``: Twisted's buffering, flow control and
     disconnection handle them as they would have.
     """
-    if (
-        getattr(transport, "connected", False)
-        and not getattr(transport, "disconnecting", True)
-        and not getattr(transport, "_writeDisconnecting", True)
-        and not getattr(transport, "_writeDisconnected", True)
-        and zerocopy.twisted_buffered(transport) == 0
-    ):
+    if can_send_now(transport):
         try:
             sent = transport.getHandle().send(data)  # type: ignore[attr-defined]
         except OSError:
@@ -463,7 +458,7 @@ def reset_not_eof(transport: Any) -> bool:
 
 def _unsent(transport: ITransport) -> int:
     """Bytes written to ``transport`` that its peer has not acknowledged yet."""
-    pending = zerocopy.twisted_buffered(transport) or 0
+    pending = buffered_bytes(transport) or 0
     if pending:
         return pending
     handle = transport.getHandle() if hasattr(transport, "getHandle") else None

@@ -22,6 +22,9 @@ What the normal path guarantees still holds:
 - **counters**: bytes are counted as they are read from the source, as on the normal
   path, so the idle timeout, the access log and the metrics do not change.
 
+Taking over those methods, and reading Twisted's write buffer, goes through
+:mod:`acrrelay.twistedinternals`, where each such internal has its canary test.
+
 Where splice is unavailable, or anything fails before bytes move (no pipe: EMFILE), the
 direction stays on the normal path. ``zero_copy = false`` in the config turns it off.
 """
@@ -38,7 +41,17 @@ from typing import Any, Final
 from twisted.internet import error, main
 from twisted.internet.interfaces import IReactorTime
 
-__all__ = ["AVAILABLE", "PROMOTE_AFTER", "SpliceDirection", "promote", "twisted_buffered"]
+from acrrelay.twistedinternals import (
+    buffered_bytes,
+    can_drive,
+    hold_reads,
+    is_connected,
+    resume_reads,
+    swap_read_write,
+    want_write,
+)
+
+__all__ = ["AVAILABLE", "PROMOTE_AFTER", "SpliceDirection", "promote"]
 
 #: splice(2) exists here (Linux, Python 3.10+).
 AVAILABLE: Final = hasattr(os, "splice") and hasattr(os, "pipe2")
@@ -59,23 +72,9 @@ MIN_PIPE: Final = 64 * 1024
 _GONE: Final = (errno.EPIPE, errno.ECONNRESET, errno.ENOTCONN, errno.ESHUTDOWN)
 
 
-def twisted_buffered(transport: Any) -> int | None:
-    """Bytes waiting in a transport's own (userspace) write buffer, or None if it keeps
-    none the way Twisted's socket transports do (a test double, a TLS transport)."""
-    try:
-        pending: int = len(transport.dataBuffer) - transport.offset + transport._tempDataLen
-    except AttributeError:
-        return None
-    return pending
-
-
-def can_splice(source: Any, destination: Any) -> bool:
+def can_splice(source: object, destination: object) -> bool:
     """Both ends are plain socket transports whose reads and writes we can drive."""
-    return AVAILABLE and all(
-        hasattr(t, "fileno") and hasattr(t, "doRead") and hasattr(t, "doWrite")
-        and hasattr(t, "dataBuffer") and hasattr(t, "_tempDataLen") and hasattr(t, "startReading")
-        for t in (source, destination)
-    )  # fmt: skip
+    return AVAILABLE and can_drive(source) and can_drive(destination)
 
 
 class SpliceDirection:
@@ -109,11 +108,8 @@ class SpliceDirection:
         self.pipe_size = size
         self.pending = 0  # bytes in the pipe
         self._destination_error: Exception | None = None
-        self._normal_read = source.doRead
-        self._normal_write = destination.doWrite
         self.closed = False
-        source.doRead = self.do_read
-        destination.doWrite = self.do_write
+        self._swap = swap_read_write(source, destination, self.do_read, self.do_write)
 
     # -- the source
 
@@ -122,8 +118,8 @@ class SpliceDirection:
             # The destination is behind: stop reading until the pipe drains.
             self._hold()
             return None
-        if twisted_buffered(self.destination):
-            return self._normal_read()  # keep order behind bytes Twisted still holds
+        if buffered_bytes(self.destination):
+            return self._swap.normal_read()  # keep order behind bytes Twisted still holds
         for _ in range(BURST):
             try:
                 moved = os.splice(self.source.fileno(), self._write_end, 1 << 20, flags=_FLAGS)
@@ -142,8 +138,8 @@ class SpliceDirection:
         return None
 
     def _hold(self) -> None:
-        self.source.stopReading()
-        self.destination.startWriting()
+        hold_reads(self.source)
+        want_write(self.destination)
         if self._held_since is None:
             self._held_since = self._clock.seconds()
 
@@ -163,8 +159,8 @@ class SpliceDirection:
     def do_write(self) -> Any:
         if self._destination_error is not None:
             return self._destination_error
-        if twisted_buffered(self.destination):
-            return self._normal_write()
+        if buffered_bytes(self.destination):
+            return self._swap.normal_write()
         if self.pending:
             self._drain()
             if self._destination_error is not None:
@@ -174,10 +170,10 @@ class SpliceDirection:
             if self._held_since is not None:
                 self._held_total += self._clock.seconds() - self._held_since
                 self._held_since = None
-            if not self.closed and self.source.connected:
-                self.source.startReading()
+            if not self.closed and is_connected(self.source):
+                resume_reads(self.source)
         # The pipe is empty: whatever Twisted has to do (its buffer, a FIN, a close).
-        return self._normal_write()
+        return self._swap.normal_write()
 
     def _drain(self) -> None:
         while self.pending:
@@ -194,7 +190,7 @@ class SpliceDirection:
                 self._destination_error = (
                     error.ConnectionLost(str(e)) if gone else error.ConnectionLost(repr(e))
                 )
-                self.destination.startWriting()  # its doWrite reports the error
+                want_write(self.destination)  # its doWrite reports the error
                 return
             if moved == 0:
                 return
@@ -208,10 +204,7 @@ class SpliceDirection:
         for fd in (self._read_end, self._write_end):
             with contextlib.suppress(OSError):
                 os.close(fd)
-        if self.source.doRead == self.do_read:
-            self.source.doRead = self._normal_read
-        if self.destination.doWrite == self.do_write:
-            self.destination.doWrite = self._normal_write
+        self._swap.restore()
 
 
 def promote(

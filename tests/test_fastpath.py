@@ -22,7 +22,7 @@ from twisted.internet.defer import Deferred
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import deferLater
 
-from acrrelay import zerocopy
+from acrrelay import twistedinternals, zerocopy
 from acrrelay.splice import send_now
 
 # -- send_now, on real transports
@@ -114,7 +114,7 @@ def test_send_now_hands_what_the_kernel_refuses_to_twisted_in_order(tcp_pair: An
     data = os.urandom(4 << 20)
     try:
         send_now(transport, data)
-        assert transport.dataBuffer or transport._tempDataLen, "the kernel took 4 MiB at once"
+        assert twistedinternals.buffered_bytes(transport), "the kernel took 4 MiB at once"
         got = bytearray()
         client.setblocking(False)
         for _ in range(2000):
