@@ -30,7 +30,7 @@ import socket
 import struct
 import termios
 from collections.abc import Callable
-from typing import Any, Final
+from typing import Final
 
 import attrs
 from twisted.internet.error import ConnectionDone
@@ -47,6 +47,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from acrrelay import zerocopy
+from acrrelay.transports import TCPTransport, socket_of, tcp_transport
 from acrrelay.twistedinternals import buffered_bytes, can_send_now, is_connected
 
 __all__ = ["BackendProtocol", "IdleTimer", "Pump", "PumpResult", "Valve"]
@@ -68,11 +69,10 @@ RELAY: Final = "relay"
 class Valve:
     """A transport seen as the producer for the opposite side, with pause accounting."""
 
-    def __init__(self, transport: ITransport, clock: IReactorTime) -> None:
+    def __init__(self, transport: TCPTransport, clock: IReactorTime) -> None:
         self._transport = transport
         self._clock = clock
         self.paused = False
-        self.pauses = 0
         self._paused_at = 0.0
         self._paused_total = 0.0
 
@@ -85,22 +85,21 @@ class Valve:
     def pauseProducing(self) -> None:
         if not self.paused:
             self.paused = True
-            self.pauses += 1
             self._paused_at = self._clock.seconds()
-        self._transport.pauseProducing()  # type: ignore[attr-defined]
+        self._transport.pauseProducing()
 
     def resumeProducing(self) -> None:
         if self.paused:
             self.paused = False
             self._paused_total += self._clock.seconds() - self._paused_at
-        self._transport.resumeProducing()  # type: ignore[attr-defined]
+        self._transport.resumeProducing()
 
     def stopProducing(self) -> None:
         # Twisted calls this when the opposite transport is lost. The pump decides how
         # this side ends (a FIN, or a reset after its bytes are out); here it only stops
         # reading. Passing it on would close this side gracefully at once, turning a
         # reset into a clean end and dropping what was still to be written.
-        self._transport.pauseProducing()  # type: ignore[attr-defined]
+        self._transport.pauseProducing()
 
 
 class IdleTimer:
@@ -173,7 +172,7 @@ class Pump:
     def __init__(
         self,
         clock: IReactorTime,
-        client: ITransport,
+        client: TCPTransport,
         *,
         idle_timeout: float,
         buffer_size: int,
@@ -183,7 +182,7 @@ class Pump:
     ) -> None:
         self._clock = clock
         self.client = client
-        self.backend: ITransport | None = None
+        self.backend: TCPTransport | None = None
         self._idle_timeout = idle_timeout
         self._buffer_size = buffer_size
         self._on_done = on_done
@@ -208,7 +207,7 @@ class Pump:
 
     # -- set-up
 
-    def start(self, backend: ITransport, replay: bytes) -> None:
+    def start(self, backend: TCPTransport, replay: bytes) -> None:
         """Attach the connected backend, send the peeked bytes, and open both ways."""
         self.backend = backend
         for transport in (self.client, backend):
@@ -218,28 +217,31 @@ class Pump:
             send_now(backend, replay)
         self._up = Valve(self.client, self._clock)
         self._down = Valve(backend, self._clock)
-        backend.registerProducer(self._up, True)  # type: ignore[attr-defined]
-        self.client.registerProducer(self._down, True)  # type: ignore[attr-defined]
+        backend.registerProducer(self._up, True)
+        self.client.registerProducer(self._down, True)
         self._idle = IdleTimer(self._clock, self._idle_timeout, self._activity, self._went_idle)
         # The client was paused while the backend connected.
-        self.client.resumeProducing()  # type: ignore[attr-defined]
+        self.client.resumeProducing()
         if self._client_eof:
             self._forward_eof(backend)
 
     # -- the data path: no allocation, no timers, one write each
 
     def client_data(self, data: bytes) -> None:
+        backend = self.backend
+        assert backend is not None, "client data before the pump started"
         self.bytes_up += len(data)
-        send_now(self.backend, data)  # type: ignore[arg-type]
+        send_now(backend, data)
         if self._zero_copy_up and self._spliced_up is None and self.bytes_up >= _PROMOTE:
             self._spliced_up = zerocopy.promote(
-                self.client, self.backend, self._count_up, self._buffer_size, self._clock
+                self.client, backend, self._count_up, self._buffer_size, self._clock
             )
 
     def backend_data(self, data: bytes) -> None:
         self.bytes_down += len(data)
         send_now(self.client, data)
         if self._zero_copy and self._spliced_down is None and self.bytes_down >= _PROMOTE:
+            assert self.backend is not None, "backend data before the pump started"
             self._spliced_down = zerocopy.promote(
                 self.backend, self.client, self._count_down, self._buffer_size, self._clock
             )
@@ -295,9 +297,9 @@ class Pump:
             self._reason = reason
             self._mark_first(RELAY)
         if not self._client_lost:
-            self.client.abortConnection()  # type: ignore[attr-defined]
+            self.client.abortConnection()
         if self.backend is not None and not self._backend_lost:
-            self.backend.abortConnection()  # type: ignore[attr-defined]
+            self.backend.abortConnection()
 
     # -- state for admin views
 
@@ -322,20 +324,20 @@ class Pump:
 
     # -- internals
 
-    def _pass_on(self, reason: Failure, transport: ITransport) -> None:
+    def _pass_on(self, reason: Failure, transport: TCPTransport) -> None:
         """End ``transport`` as its opposite ended: a clean close as a FIN, a reset as a reset,
         either way after the bytes already read."""
         if reason.check(ConnectionDone):
-            transport.unregisterProducer()  # type: ignore[attr-defined]
+            transport.unregisterProducer()
             transport.loseConnection()
         else:
             self._reset_after_flush(transport)
 
-    def _reset_after_flush(self, transport: ITransport) -> None:
+    def _reset_after_flush(self, transport: TCPTransport) -> None:
         """Deliver what was already read to ``transport``'s peer, then reset it."""
         # The side that was lost produces nothing more; this side's input has nowhere to go.
-        transport.unregisterProducer()  # type: ignore[attr-defined]
-        transport.pauseProducing()  # type: ignore[attr-defined]
+        transport.unregisterProducer()
+        transport.pauseProducing()
         deadline = self._clock.seconds() + RESET_FLUSH_SECONDS
         wait = FLUSH_POLL_SECONDS
 
@@ -351,11 +353,11 @@ class Pump:
                 wait = min(wait * 2, FLUSH_POLL_MAX_SECONDS)
                 return
             _linger_zero(transport)
-            transport.abortConnection()  # type: ignore[attr-defined]
+            transport.abortConnection()
 
         step()
 
-    def _unsent_to(self, transport: ITransport) -> int:
+    def _unsent_to(self, transport: TCPTransport) -> int:
         """Bytes on their way to ``transport``'s peer: in a pipe, in Twisted, in the kernel."""
         piped = sum(
             direction.pending
@@ -375,11 +377,11 @@ class Pump:
         if self._closed_first is None:
             self._closed_first = side
 
-    def _forward_eof(self, to: ITransport) -> None:
+    def _forward_eof(self, to: TCPTransport) -> None:
         # A registered producer keeps a transport from closing its write side,
         # and the side that sent FIN will produce nothing more.
-        to.unregisterProducer()  # type: ignore[attr-defined]
-        to.loseWriteConnection()  # type: ignore[attr-defined]
+        to.unregisterProducer()
+        to.loseWriteConnection()
 
     def _maybe_close(self) -> None:
         if self._client_eof and self._backend_eof:
@@ -416,7 +418,7 @@ class Pump:
         )
 
 
-def send_now(transport: ITransport, data: bytes) -> None:
+def send_now(transport: TCPTransport, data: bytes) -> None:
     """Write ``data`` to ``transport``, sending what the kernel takes at once.
 
     Twisted's ``write`` only buffers, and sends on the reactor's next pass once the socket
@@ -427,8 +429,9 @@ def send_now(transport: ITransport, data: bytes) -> None:
     disconnection handle them as they would have.
     """
     if can_send_now(transport):
+        sock = transport.getHandle()
         try:
-            sent = transport.getHandle().send(data)  # type: ignore[attr-defined]
+            sent = sock.send(data) if isinstance(sock, socket.socket) else 0
         except OSError:
             sent = 0  # EAGAIN, or an error Twisted's own write will meet and report
         if sent == len(data):
@@ -437,7 +440,7 @@ def send_now(transport: ITransport, data: bytes) -> None:
     transport.write(data)
 
 
-def reset_not_eof(transport: Any) -> bool:
+def reset_not_eof(transport: ITransport | None) -> bool:
     """Whether an end of stream was really a reset; if so, abort ``transport`` for it.
 
     epoll can report a reset socket with EPOLLERR alone, which Twisted's reactor, seeing
@@ -445,50 +448,57 @@ def reset_not_eof(transport: Any) -> bool:
     socket error tells them apart; the abort then reaches the protocol as a connection
     lost, which the pump passes on as a reset, never as a FIN.
     """
-    handle = transport.getHandle() if hasattr(transport, "getHandle") else None
+    sock = socket_of(transport)
+    if sock is None:
+        return False
     try:
-        pending = handle.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)  # type: ignore[union-attr]
-    except (AttributeError, OSError):
+        pending = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+    except OSError:
         return False
     if not pending:
         return False
-    transport.abortConnection()
+    tcp_transport(transport).abortConnection()
     return True
 
 
-def _unsent(transport: ITransport) -> int:
+def _unsent(transport: TCPTransport) -> int:
     """Bytes written to ``transport`` that its peer has not acknowledged yet."""
     pending = buffered_bytes(transport) or 0
     if pending:
         return pending
-    handle = transport.getHandle() if hasattr(transport, "getHandle") else None
+    sock = socket_of(transport)
+    if sock is None:
+        return 0
     try:
-        buf = fcntl.ioctl(handle.fileno(), termios.TIOCOUTQ, b"\0\0\0\0")  # type: ignore[union-attr]
-    except (AttributeError, OSError, ValueError):
+        buf = fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0\0\0\0")
+    except (OSError, ValueError):
         return 0
     return int(struct.unpack("i", buf)[0])
 
 
-def _peer_gone(transport: ITransport) -> bool:
+def _peer_gone(transport: TCPTransport) -> bool:
     """Whether the kernel has given up on this socket: a pending error, or TCP_CLOSE."""
-    handle = transport.getHandle() if hasattr(transport, "getHandle") else None
+    sock = socket_of(transport)
+    if sock is None:
+        return False
     try:
-        if handle.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR):  # type: ignore[union-attr]
+        if sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR):
             return True
-        info = handle.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 8)  # type: ignore[union-attr]
-    except (AttributeError, OSError):
+        info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 8)
+    except OSError:
         return False
     return bool(info) and info[0] == _TCP_CLOSE
 
 
-def _linger_zero(transport: ITransport) -> None:
+def _linger_zero(transport: TCPTransport) -> None:
     """Make the coming close send a RST, as the other side did, rather than a FIN."""
-    handle = transport.getHandle() if hasattr(transport, "getHandle") else None
-    with contextlib.suppress(AttributeError, OSError):
-        handle.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # type: ignore[union-attr]
+    sock = socket_of(transport)
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
 
 
-def _tune(transport: ITransport, buffer_size: int) -> None:
+def _tune(transport: TCPTransport, buffer_size: int) -> None:
     """Set the high-water mark, and TCP options that suit a relay."""
     if hasattr(transport, "bufferSize"):
         transport.bufferSize = buffer_size
@@ -508,7 +518,9 @@ class BackendProtocol(Protocol):
     pump: Pump | None = None
 
     def dataReceived(self, data: bytes) -> None:
-        self.pump.backend_data(data)  # type: ignore[union-attr]
+        pump = self.pump
+        if pump is not None:  # None only for a backend the relay has just aborted
+            pump.backend_data(data)
 
     def readConnectionLost(self) -> None:
         if reset_not_eof(self.transport):

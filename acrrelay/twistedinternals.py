@@ -26,9 +26,12 @@ Checked against Twisted :data:`CHECKED_AGAINST`:
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final, TypeGuard
 
 import attrs
+
+if TYPE_CHECKING:
+    from acrrelay.transports import SocketTransport
 
 __all__ = [
     "CHECKED_AGAINST",
@@ -95,7 +98,7 @@ def can_send_now(transport: object) -> bool:
     )
 
 
-def can_drive(transport: object) -> bool:
+def can_drive(transport: object) -> TypeGuard[SocketTransport]:
     """Whether the reactor's readiness callbacks of ``transport`` can be taken over.
 
     The object must be a socket descriptor itself: its class defines ``doRead``,

@@ -36,11 +36,12 @@ import errno
 import fcntl
 import os
 from collections.abc import Callable
-from typing import Any, Final
+from typing import Final
 
 from twisted.internet import error, main
 from twisted.internet.interfaces import IReactorTime
 
+from acrrelay.transports import SocketTransport, TCPTransport
 from acrrelay.twistedinternals import (
     buffered_bytes,
     can_drive,
@@ -72,18 +73,13 @@ MIN_PIPE: Final = 64 * 1024
 _GONE: Final = (errno.EPIPE, errno.ECONNRESET, errno.ENOTCONN, errno.ESHUTDOWN)
 
 
-def can_splice(source: object, destination: object) -> bool:
-    """Both ends are plain socket transports whose reads and writes we can drive."""
-    return AVAILABLE and can_drive(source) and can_drive(destination)
-
-
 class SpliceDirection:
     """One direction (source socket -> destination socket) moved by splice(2)."""
 
     def __init__(
         self,
-        source: Any,
-        destination: Any,
+        source: SocketTransport,
+        destination: SocketTransport,
         count: Callable[[int], None],
         pipe_size: int,
         clock: IReactorTime,
@@ -113,7 +109,7 @@ class SpliceDirection:
 
     # -- the source
 
-    def do_read(self) -> Any:
+    def do_read(self) -> object:
         if self.pending:
             # The destination is behind: stop reading until the pipe drains.
             self._hold()
@@ -156,7 +152,7 @@ class SpliceDirection:
 
     # -- the destination
 
-    def do_write(self) -> Any:
+    def do_write(self) -> object:
         if self._destination_error is not None:
             return self._destination_error
         if buffered_bytes(self.destination):
@@ -208,16 +204,19 @@ class SpliceDirection:
 
 
 def promote(
-    source: Any,
-    destination: Any,
+    source: TCPTransport,
+    destination: TCPTransport,
     count: Callable[[int], None],
     pipe_size: int,
     clock: IReactorTime,
 ) -> SpliceDirection | None:
-    """Move ``source`` -> ``destination`` to splice, or None to stay on the normal path."""
-    if not can_splice(source, destination):
-        return None
-    try:
-        return SpliceDirection(source, destination, count, pipe_size, clock)
-    except OSError:
-        return None  # no pipe (EMFILE, say): the normal path goes on
+    """Move ``source`` -> ``destination`` to splice, or None to stay on the normal path.
+
+    Both must be plain socket transports whose reads and writes can be driven.
+    """
+    if AVAILABLE and can_drive(source) and can_drive(destination):
+        try:
+            return SpliceDirection(source, destination, count, pipe_size, clock)
+        except OSError:
+            pass  # no pipe (EMFILE, say): the normal path goes on
+    return None

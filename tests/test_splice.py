@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import socket
+
 from twisted.internet.error import ConnectionDone, ConnectionLost
 from twisted.internet.task import Clock
 from twisted.python.failure import Failure
@@ -279,8 +281,10 @@ def test_losing_one_side_never_closes_the_other_gracefully_behind_the_pumps_back
     assert client.disconnected  # the reset, passed on as a reset
 
 
-class _ErroredSocket:
-    def getsockopt(self, level: int, option: int) -> int:
+class _ErroredSocket(socket.socket):
+    """A socket whose reset is still pending (SO_ERROR), as after a bare EPOLLERR."""
+
+    def getsockopt(self, level: int, option: int, *args: int) -> int:  # type: ignore[override]
         return 104  # ECONNRESET, still pending
 
 
@@ -288,9 +292,10 @@ def test_an_end_of_stream_that_was_a_reset_is_passed_on_as_a_reset() -> None:
     """epoll may report a reset with EPOLLERR alone, which Twisted calls an end of stream;
     the pending socket error makes it a reset again, never a FIN to the client."""
     _, _, client, backend_protocol, backend = spliced()
-    backend.getHandle = lambda: _ErroredSocket()  # type: ignore[attr-defined]
-    backend_protocol.readConnectionLost()
-    assert backend.disconnected  # aborted, which Twisted reports as connection lost
-    assert not client.write_closed  # no FIN forwarded
-    backend_protocol.connectionLost(Failure(ConnectionLost()))
-    assert client.disconnected  # the reset, passed on as one
+    with _ErroredSocket() as errored:
+        backend.getHandle = lambda: errored  # type: ignore[attr-defined]
+        backend_protocol.readConnectionLost()
+        assert backend.disconnected  # aborted, which Twisted reports as connection lost
+        assert not client.write_closed  # no FIN forwarded
+        backend_protocol.connectionLost(Failure(ConnectionLost()))
+        assert client.disconnected  # the reset, passed on as one
