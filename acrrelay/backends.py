@@ -30,6 +30,7 @@ from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import HostnameEndpoint, clientFromString
 from twisted.internet.error import DNSLookupError
 from twisted.internet.interfaces import (
+    IAddress,
     IHostnameResolver,
     IHostResolution,
     IProtocol,
@@ -38,17 +39,11 @@ from twisted.internet.interfaces import (
     IResolutionReceiver,
     IStreamClientEndpoint,
 )
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from acrrelay.routing import (
-    RESOLVE,
-    IPAddress,
-    IPNetwork,
-    Route,
-    client_ip,
-    ipv4_unmapped,
-    normalize_name,
-)
+from acrrelay.addresses import IPAddress, ipv4_unmapped
+from acrrelay.routing import RESOLVE, IPNetwork, Route, client_ip, normalize_name
 
 __all__ = [
     "DENIED_NETWORKS",
@@ -162,7 +157,7 @@ class StaticHostsResolver:
         resolutionReceiver: IResolutionReceiver,
         hostName: str,
         portNumber: int = 0,
-        addressTypes: Sequence[type[Any]] | None = None,
+        addressTypes: Sequence[type[IAddress]] | None = None,
         transportSemantics: str = "TCP",
     ) -> IHostResolution:
         receiver = resolutionReceiver
@@ -196,8 +191,9 @@ class _FilteringReceiver:
     def resolutionBegan(self, resolutionInProgress: IHostResolution) -> None:
         self._inner.resolutionBegan(resolutionInProgress)
 
-    def addressResolved(self, address: Any) -> None:
-        if self._allow(self._name, address):
+    def addressResolved(self, address: IAddress) -> None:
+        # Only IP addresses can be judged, and a TCP connection needs nothing else.
+        if isinstance(address, IPv4Address | IPv6Address) and self._allow(self._name, address):
             self._inner.addressResolved(address)
 
     def resolutionComplete(self) -> None:
@@ -208,7 +204,7 @@ class _FilteringReceiver:
 class _ResolverReactor:
     """The reactor, seen by HostnameEndpoint with our resolver in place of its own."""
 
-    def __init__(self, reactor: Any, resolver: IHostnameResolver) -> None:
+    def __init__(self, reactor: IReactorPluggableNameResolver, resolver: IHostnameResolver) -> None:
         self._reactor = reactor
         self.nameResolver = resolver
 
@@ -217,15 +213,21 @@ class _ResolverReactor:
         return previous
 
     def __getattr__(self, name: str) -> Any:
+        # Everything else HostnameEndpoint uses (IReactorTCP, IReactorTime) is the reactor's.
         return getattr(self._reactor, name)
 
 
 class BackendConnector:
-    """Connects routes to their backends, with a connect timeout on every attempt."""
+    """Connects routes to their backends, with a connect timeout on every attempt.
+
+    ``reactor`` provides ``IReactorPluggableNameResolver`` (its resolver is the fallback
+    of ``[resolver.hosts]``) and, for the endpoints built on it, ``IReactorTCP`` and
+    ``IReactorTime``, as every Twisted reactor does.
+    """
 
     def __init__(
         self,
-        reactor: Any,
+        reactor: IReactorPluggableNameResolver,
         *,
         hosts: Mapping[str, Sequence[str]],
         connect_timeout: float,
@@ -237,7 +239,7 @@ class BackendConnector:
         self.guard = guard or AddressGuard()
         self._endpoints: dict[str, IStreamClientEndpoint] = {}
 
-    def _resolving(self, route: Route, name: str, port: int) -> tuple[Any, list[str]]:
+    def _resolving(self, route: Route, name: str, port: int) -> tuple[HostnameEndpoint, list[str]]:
         denied: list[str] = []
 
         def allow(host_name: str, address: IPv4Address | IPv6Address) -> bool:
@@ -270,7 +272,7 @@ class BackendConnector:
             endpoint, denied = self._resolving(route, name, port)
             d = endpoint.connect(factory)
 
-            def explain(failure: Any) -> Any:
+            def explain(failure: Failure) -> Failure:
                 if denied and failure.check(DNSLookupError):
                     raise AddressDenied(name, denied)
                 return failure

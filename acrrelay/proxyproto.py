@@ -37,6 +37,7 @@ from typing import Final
 
 import attrs
 
+from acrrelay.addresses import ipv4_unmapped
 from acrrelay.clienthello import NEED_MORE, NeedMore
 
 __all__ = [
@@ -341,11 +342,9 @@ def _parse_v1_port(raw: bytes) -> int:
 
 def _unmap(ip: _IP) -> _IP:
     """Give an IPv4-mapped IPv6 address as plain IPv4; drop any IPv6 scope id."""
-    if isinstance(ip, ipaddress.IPv6Address):
-        if ip.ipv4_mapped is not None:
-            return ip.ipv4_mapped
-        if ip.scope_id is not None:
-            return ipaddress.IPv6Address(int(ip))
+    ip = ipv4_unmapped(ip)
+    if isinstance(ip, ipaddress.IPv6Address) and ip.scope_id is not None:
+        return ipaddress.IPv6Address(int(ip))
     return ip
 
 

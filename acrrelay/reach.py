@@ -17,8 +17,9 @@ from concurrent.futures import ThreadPoolExecutor
 
 import attrs
 
+from acrrelay.addresses import IPAddress, ipv4_unmapped
 from acrrelay.config import RelayConfig
-from acrrelay.routing import IPAddress, IPNetwork, ipv4_unmapped
+from acrrelay.routing import IPNetwork
 
 __all__ = ["Resolution", "covering", "exact_cidrs", "resolve_config"]
 
@@ -130,11 +131,9 @@ def _addresses(resolutions: Iterable[Resolution]) -> list[IPAddress]:
 def exact_cidrs(resolutions: Iterable[Resolution]) -> list[IPNetwork]:
     """The fewest CIDRs that cover exactly the resolved addresses."""
     addresses = _addresses(resolutions)
-    out: list[IPNetwork] = []
-    for version in (4, 6):
-        networks = [ipaddress.ip_network(a) for a in addresses if a.version == version]
-        out += list(ipaddress.collapse_addresses(networks))  # type: ignore[type-var]
-    return out
+    v4 = [ipaddress.IPv4Network(a) for a in addresses if isinstance(a, ipaddress.IPv4Address)]
+    v6 = [ipaddress.IPv6Network(a) for a in addresses if isinstance(a, ipaddress.IPv6Address)]
+    return [*ipaddress.collapse_addresses(v4), *ipaddress.collapse_addresses(v6)]
 
 
 def covering(resolutions: Iterable[Resolution]) -> list[IPNetwork]:

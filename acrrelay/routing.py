@@ -33,6 +33,8 @@ from typing import Final, Literal
 
 import attrs
 
+from acrrelay.addresses import IPAddress, ipv4_unmapped
+
 __all__ = [
     "DEFAULT_PORTS",
     "PROTOCOLS",
@@ -58,7 +60,6 @@ DEFAULT_PORTS: Final = frozenset({443, 80})
 PROTOCOLS: Final = ("tls", "http", "connect")
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
-IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 _LABEL = re.compile(r"[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9_])?\Z")
 _GLOB_LABEL = re.compile(r"([a-z0-9_-]*)\*([a-z0-9_-]*)\Z")
@@ -265,13 +266,6 @@ class ListenerPolicy:
 
 
 _NO_NAME_REASON: Final = {"tls": "no_sni", "http": "no_host"}
-
-
-def ipv4_unmapped(address: IPAddress) -> IPAddress:
-    """An IPv4-mapped IPv6 address (``::ffff:192.0.2.1``) as the IPv4 address it is."""
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        return address.ipv4_mapped
-    return address
 
 
 def client_ip(client: str) -> IPAddress | None:
