@@ -76,7 +76,6 @@ class AddressDenied(Exception):
 
     def __init__(self, name: str, denied: Sequence[str]) -> None:
         super().__init__(f"{name} resolves only to denied addresses: {', '.join(denied)}")
-        self.denied = tuple(denied)
 
 
 class AddressGuard:
