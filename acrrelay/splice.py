@@ -24,11 +24,6 @@ driven by real transports or by ``StringTransport`` in tests.
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
-import socket
-import struct
-import termios
 from collections.abc import Callable
 from typing import Final
 
@@ -39,18 +34,24 @@ from twisted.internet.interfaces import (
     IHalfCloseableProtocol,
     IPushProducer,
     IReactorTime,
-    ITCPTransport,
-    ITransport,
 )
 from twisted.internet.protocol import Protocol
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from acrrelay import zerocopy
-from acrrelay.transports import TCPTransport, socket_of, tcp_transport
-from acrrelay.twistedinternals import buffered_bytes, can_send_now, is_connected
+from acrrelay.transports import (
+    TCPTransport,
+    linger_zero,
+    peer_gone,
+    reset_not_eof,
+    send_now,
+    tune,
+    unsent_bytes,
+)
+from acrrelay.twistedinternals import is_connected
 
-__all__ = ["BackendProtocol", "IdleTimer", "Pump", "PumpResult", "Valve"]
+__all__ = ["BackendProtocol", "IdleTimer", "Pump", "PumpResult", "Valve", "reset_not_eof"]
 
 _PROMOTE: Final = zerocopy.PROMOTE_AFTER
 
@@ -58,7 +59,6 @@ _PROMOTE: Final = zerocopy.PROMOTE_AFTER
 RESET_FLUSH_SECONDS: Final = 0.5
 FLUSH_POLL_SECONDS: Final = 0.001
 FLUSH_POLL_MAX_SECONDS: Final = 0.05
-_TCP_CLOSE: Final = 7  # tcpi_state of a socket the kernel has closed (after a reset)
 
 CLIENT: Final = "client"
 BACKEND: Final = "backend"
@@ -211,7 +211,7 @@ class Pump:
         """Attach the connected backend, send the peeked bytes, and open both ways."""
         self.backend = backend
         for transport in (self.client, backend):
-            _tune(transport, self._buffer_size)
+            tune(transport, self._buffer_size)
         if replay:
             self.bytes_up += len(replay)
             send_now(backend, replay)
@@ -347,12 +347,12 @@ class Pump:
                 return
             # A peer that is gone (its reset arrived, the socket is closed) will never
             # take the rest: stop waiting for it.
-            pending = self._unsent_to(transport) and not _peer_gone(transport)
+            pending = self._unsent_to(transport) and not peer_gone(transport)
             if pending and self._clock.seconds() < deadline:
                 self._clock.callLater(wait, step)
                 wait = min(wait * 2, FLUSH_POLL_MAX_SECONDS)
                 return
-            _linger_zero(transport)
+            linger_zero(transport)
             transport.abortConnection()
 
         step()
@@ -364,7 +364,7 @@ class Pump:
             for direction in (self._spliced_up, self._spliced_down)
             if direction is not None and direction.destination is transport
         )
-        return piped + _unsent(transport)
+        return piped + unsent_bytes(transport)
 
     def _activity(self) -> int:
         return self.bytes_up + self.bytes_down
@@ -416,99 +416,6 @@ class Pump:
                 ),
             )
         )
-
-
-def send_now(transport: TCPTransport, data: bytes) -> None:
-    """Write ``data`` to ``transport``, sending what the kernel takes at once.
-
-    Twisted's ``write`` only buffers, and sends on the reactor's next pass once the socket
-    reports writable: one more epoll round trip, and two more epoll_ctl calls, for each
-    hop of a TLS handshake through the relay. When nothing is queued ahead of ``data``,
-    sending now keeps the order and saves that pass. What the kernel does not take, and
-    every error, goes to ``transport.write``: Twisted's buffering, flow control and
-    disconnection handle them as they would have.
-    """
-    if can_send_now(transport):
-        sock = transport.getHandle()
-        try:
-            sent = sock.send(data) if isinstance(sock, socket.socket) else 0
-        except OSError:
-            sent = 0  # EAGAIN, or an error Twisted's own write will meet and report
-        if sent == len(data):
-            return
-        data = data[sent:]
-    transport.write(data)
-
-
-def reset_not_eof(transport: ITransport | None) -> bool:
-    """Whether an end of stream was really a reset; if so, abort ``transport`` for it.
-
-    epoll can report a reset socket with EPOLLERR alone, which Twisted's reactor, seeing
-    a socket "disconnected while reading", hands on as a clean end of stream. The pending
-    socket error tells them apart; the abort then reaches the protocol as a connection
-    lost, which the pump passes on as a reset, never as a FIN.
-    """
-    sock = socket_of(transport)
-    if sock is None:
-        return False
-    try:
-        pending = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-    except OSError:
-        return False
-    if not pending:
-        return False
-    tcp_transport(transport).abortConnection()
-    return True
-
-
-def _unsent(transport: TCPTransport) -> int:
-    """Bytes written to ``transport`` that its peer has not acknowledged yet."""
-    pending = buffered_bytes(transport) or 0
-    if pending:
-        return pending
-    sock = socket_of(transport)
-    if sock is None:
-        return 0
-    try:
-        buf = fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0\0\0\0")
-    except (OSError, ValueError):
-        return 0
-    return int(struct.unpack("i", buf)[0])
-
-
-def _peer_gone(transport: TCPTransport) -> bool:
-    """Whether the kernel has given up on this socket: a pending error, or TCP_CLOSE."""
-    sock = socket_of(transport)
-    if sock is None:
-        return False
-    try:
-        if sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR):
-            return True
-        info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 8)
-    except OSError:
-        return False
-    return bool(info) and info[0] == _TCP_CLOSE
-
-
-def _linger_zero(transport: TCPTransport) -> None:
-    """Make the coming close send a RST, as the other side did, rather than a FIN."""
-    sock = socket_of(transport)
-    if sock is not None:
-        with contextlib.suppress(OSError):
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-
-
-def _tune(transport: TCPTransport, buffer_size: int) -> None:
-    """Set the high-water mark, and TCP options that suit a relay."""
-    if hasattr(transport, "bufferSize"):
-        transport.bufferSize = buffer_size
-    if ITCPTransport.providedBy(transport):
-        tcp: ITCPTransport = transport
-        try:
-            tcp.setTcpNoDelay(True)
-            tcp.setTcpKeepAlive(True)
-        except OSError:
-            pass  # the socket may already be gone; the pump will learn soon enough
 
 
 @implementer(IHalfCloseableProtocol)

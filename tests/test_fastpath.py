@@ -23,7 +23,7 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import deferLater
 
 from acrrelay import twistedinternals, zerocopy
-from acrrelay.splice import send_now
+from acrrelay.transports import send_now
 
 # -- send_now, on real transports
 
