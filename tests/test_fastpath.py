@@ -19,10 +19,12 @@ import pytest
 import pytest_twisted
 from twisted.internet import main
 from twisted.internet.defer import Deferred
-from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.internet.task import deferLater
+from twisted.python.failure import Failure
 
 from acrrelay import twistedinternals, zerocopy
+from acrrelay.splice import Pump
 from acrrelay.transports import send_now
 
 # -- send_now, on real transports
@@ -321,3 +323,74 @@ def test_a_pipe_smaller_than_asked_keeps_the_normal_path_and_leaks_nothing(
     assert zerocopy.promote(source, destination, counted.append, 64 * 1024, _Clock()) is None
     assert len(os.listdir("/proc/self/fd")) == before
     assert source.doRead == normal_read  # nothing was taken over
+
+
+# -- the whole promotion, on real Twisted transports
+
+
+class _PumpSide(Protocol):
+    """One of the relay's two connections, handing everything to the pump."""
+
+    pump: Pump | None = None
+    backend = False
+
+    def connectionMade(self) -> None:
+        self.factory.accepted.append(self)  # type: ignore[attr-defined]
+
+    def dataReceived(self, data: bytes) -> None:
+        assert self.pump is not None
+        (self.pump.backend_data if self.backend else self.pump.client_data)(data)
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        if self.pump is not None:
+            (self.pump.backend_lost if self.backend else self.pump.client_lost)(reason)
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_long_download_between_real_transports_moves_to_splice() -> Any:
+    """Between two real Twisted TCP transports, the download direction moves to splice(2)
+    once past PROMOTE_AFTER, and the client gets every byte in order."""
+    reactor = _reactor()
+    factory = Factory.forProtocol(_PumpSide)
+    factory.accepted = []  # type: ignore[attr-defined]
+    port = reactor.listenTCP(0, factory, interface="127.0.0.1")
+    client, backend = _connect(port), _connect(port)
+    try:
+        for _ in range(1000):
+            if len(factory.accepted) == 2:  # type: ignore[attr-defined]
+                break
+            yield deferLater(reactor, 0.005, lambda: None)
+        by_port = {s.transport.getPeer().port: s for s in factory.accepted}  # type: ignore[attr-defined]
+        client_side = by_port[client.getsockname()[1]]
+        backend_side = by_port[backend.getsockname()[1]]
+        backend_side.backend = True
+        pump = Pump(
+            reactor,
+            client_side.transport,
+            idle_timeout=60,
+            buffer_size=65536,
+            on_done=lambda result: None,
+            zero_copy=True,
+        )
+        client_side.pump = backend_side.pump = pump
+        pump.start(backend_side.transport, b"")
+        data = os.urandom(2 * zerocopy.PROMOTE_AFTER + 12345)
+        got = bytearray()
+        sent = 0
+        for sock in (client, backend):
+            sock.setblocking(False)
+        for _ in range(4000):
+            with contextlib.suppress(BlockingIOError):
+                sent += backend.send(data[sent : sent + (1 << 16)])
+            got += _drain(client)
+            if len(got) >= len(data):
+                break
+            yield deferLater(reactor, 0.001, lambda: None)
+        assert bytes(got) == data
+        assert pump.zero_copy == (False, True)
+    finally:
+        for side in factory.accepted:  # type: ignore[attr-defined]
+            side.transport.abortConnection()
+        client.close()
+        backend.close()
+        yield port.stopListening()
