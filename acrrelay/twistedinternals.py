@@ -89,13 +89,14 @@ def can_send_now(transport: object) -> bool:
     queued ahead (:func:`buffered_bytes` is 0), so order is kept. A missing flag reads as
     "not safe", so an unknown transport always takes ``write``.
     """
-    return (
-        bool(getattr(transport, "connected", False))
-        and not getattr(transport, "disconnecting", True)
-        and not getattr(transport, "_writeDisconnecting", True)
-        and not getattr(transport, "_writeDisconnected", True)
-        and buffered_bytes(transport) == 0
-    )
+    t: Any = transport
+    try:  # it runs for every chunk: plain attribute reads, no getattr defaults
+        if not t.connected or t.disconnecting or t._writeDisconnecting or t._writeDisconnected:
+            return False
+        pending: int = len(t.dataBuffer) - t.offset + t._tempDataLen
+    except AttributeError:
+        return False
+    return pending == 0
 
 
 def can_drive(transport: object) -> TypeGuard[SocketTransport]:
