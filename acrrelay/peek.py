@@ -64,6 +64,7 @@ from acrrelay.proxyproto import (
     encode_v2,
     is_proxy_signature,
 )
+from acrrelay.reasons import http_status
 from acrrelay.routing import Door, Refusal, Route, normalize_name
 from acrrelay.splice import BackendProtocol, Pump, PumpResult, reset_not_eof
 
@@ -79,19 +80,6 @@ CONNECT_ESTABLISHED: Final = b"HTTP/1.1 200 Connection established\r\n\r\n"
 _HTTP_FIRST: Final = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZ")
 _TLS_FIRST: Final = 0x16
 
-#: The HTTP status that answers each refusal reason (anything else: 403).
-_HTTP_STATUS: Final = {
-    "malformed": 400,
-    "no_host": 400,
-    "too_large": 431,
-    "peek_timeout": 408,
-    "auth_required": 407,
-    "connect_timeout": 504,
-    "connect_failed": 502,
-    "resolve_failed": 502,
-    "address_denied": 502,
-    "internal_error": 500,
-}
 _PROXY_AUTHENTICATE: Final = b'Proxy-Authenticate: Basic realm="acrrelay"\r\n'
 
 
@@ -622,7 +610,7 @@ class RelayProtocol(Protocol):
             internal = failed or reason == "internal_error"
             return tls_alert(ALERT_INTERNAL_ERROR if internal else ALERT_UNRECOGNIZED_NAME)
         if protocol in ("http", "connect"):
-            status = _HTTP_STATUS.get(reason, 403)
+            status = http_status(reason)
             extra = _PROXY_AUTHENTICATE if status == 407 else b""
             return error_response(status, reason, detail, extra=extra)
         return b""
