@@ -8,10 +8,10 @@ machine moves, never called otherwise. It talks to the relay through its contrac
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any, Final, cast
 
 from twisted.internet import defer, error
-from twisted.internet.interfaces import IAddress, IDelayedCall
+from twisted.internet.interfaces import IAddress, IDelayedCall, ITCPTransport
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -320,7 +320,7 @@ class Session:
 
     def drop_backend(self, inputs: Inputs, backend: BackendProtocol) -> None:
         if backend.transport is not None:
-            backend.transport.abortConnection()  # type: ignore[attr-defined]
+            cast(ITCPTransport, backend.transport).abortConnection()
 
     # -- splicing
 
