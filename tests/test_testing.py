@@ -18,7 +18,7 @@ def _example() -> str:
 def test_the_readme_harness_example_runs() -> None:
     """The README's RelayHarness example runs, and its assertions hold."""
     namespace: dict[str, object] = {}
-    exec(compile(_example(), "README.md", "exec"), namespace)  # noqa: S102
+    exec(compile(_example(), "README.md", "exec"), namespace)
     harness = namespace["harness"]
     assert isinstance(harness, RelayHarness)
     assert len(harness.events) == 1  # the refused one; the silent one is still closing
