@@ -56,7 +56,8 @@ import enum
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Final, Protocol
 
-from automat import TypeMachineBuilder
+from automat import TypeMachine, TypeMachineBuilder
+from automat._core import Automaton
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IAddress, IPushProducer, ITCPTransport
 from twisted.python.failure import Failure
@@ -239,7 +240,26 @@ def _build() -> Any:
     for (old, input_name), (new, action) in TRANSITIONS.items():
         registrar = states[old].upon(getattr(Inputs, input_name)).to(states[new])
         registrar(_action(new, action))
-    return builder.build()
+    built = builder.build()
+    return TypeMachine(built.__automat_type__, _IndexedAutomaton(built.__automat_automaton__))
+
+
+class _IndexedAutomaton(Automaton[Any, str, Any]):
+    """The built automaton, with its transitions found by a dict lookup.
+
+    Automat finds each transition by scanning all of them, comparing states field by
+    field: with every pair written down (108) that cost a connection more than its
+    bytes did. The transitions are the same ones (a test compares them)."""
+
+    def __init__(self, built: Automaton[Any, str, Any]) -> None:
+        super().__init__(built.initialState)
+        self._index: dict[tuple[int, str], tuple[Any, list[Any]]] = {}
+        for old, symbol, new, outputs in built.allTransitions():
+            self.addTransition(old, symbol, new, tuple(outputs))
+            self._index[(id(old), symbol)] = (new, list(outputs))
+
+    def outputForInput(self, inState: Any, inputSymbol: str) -> tuple[Any, list[Any]]:
+        return self._index[(id(inState), inputSymbol)]
 
 
 class _Core:

@@ -24,7 +24,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
 
 if TYPE_CHECKING:
-    from acrrelay.relay import Relay
+    from acrrelay.relay import ConnectionView, Relay, RelayStats
 
 __all__ = ["NAMES", "RelayMetrics", "metrics_site"]
 
@@ -102,46 +102,8 @@ class _StatsCollector(Collector):
         relay = self._relay
         stats = relay.stats
         live = relay.views()
-
-        active = GaugeMetricFamily(
-            "acrrelay_connections_active",
-            "Connections open now, by route and front door (route is empty before routing).",
-            labels=["route", "front_door"],
-        )
-        current: Counter[tuple[str, str]] = Counter(
-            (view.route or "", view.door or "") for view in live
-        )
-        for (route, door), count in sorted(current.items()):
-            active.add_metric([route, door], count)
-        yield active
-
-        total = CounterMetricFamily(
-            "acrrelay_connections",
-            "Connections routed to a backend (connected or not), by route and front door.",
-            labels=["route", "front_door"],
-        )
-        routed = stats.routed + Counter(
-            (view.route, view.door or "") for view in live if view.route is not None
-        )
-        for (route, door), count in sorted(routed.items()):
-            total.add_metric([route, door], count)
-        yield total
-
-        moved = CounterMetricFamily(
-            "acrrelay_bytes",
-            "Bytes relayed: up is client to backend, down is backend to client.",
-            labels=["route", "direction"],
-        )
-        in_flight: dict[tuple[str, str], int] = dict(stats.route_bytes)
-        for view in live:
-            if view.route is not None:
-                for direction, count in (("up", view.bytes_up), ("down", view.bytes_down)):
-                    key = (view.route, direction)
-                    in_flight[key] = in_flight.get(key, 0) + count
-        for (route, direction), count in sorted(in_flight.items()):
-            moved.add_metric([route, direction], count)
-        yield moved
-
+        yield from _connections(stats, live)
+        yield _bytes(stats, live)
         yield _by_reason("acrrelay_refusals", "Connections refused, by reason.", stats.refused)
         yield _by_reason(
             "acrrelay_backend_failures",
@@ -175,6 +137,50 @@ class _StatsCollector(Collector):
         )
         accepting.add_metric([], 1 if relay.accepting else 0)
         yield accepting
+
+
+def _connections(stats: RelayStats, live: list[ConnectionView]) -> Iterator[Metric]:
+    active = GaugeMetricFamily(
+        "acrrelay_connections_active",
+        "Connections open now, by route and front door (route is empty before routing).",
+        labels=["route", "front_door"],
+    )
+    current: Counter[tuple[str, str]] = Counter(
+        (view.route or "", view.door or "") for view in live
+    )
+    for (route, door), count in sorted(current.items()):
+        active.add_metric([route, door], count)
+    yield active
+
+    total = CounterMetricFamily(
+        "acrrelay_connections",
+        "Connections routed to a backend (connected or not), by route and front door.",
+        labels=["route", "front_door"],
+    )
+    # Finished ones from their records, and the live ones that have a route.
+    routed = stats.routed + Counter(
+        (view.route, view.door or "") for view in live if view.route is not None
+    )
+    for (route, door), count in sorted(routed.items()):
+        total.add_metric([route, door], count)
+    yield total
+
+
+def _bytes(stats: RelayStats, live: list[ConnectionView]) -> Metric:
+    moved = CounterMetricFamily(
+        "acrrelay_bytes",
+        "Bytes relayed: up is client to backend, down is backend to client.",
+        labels=["route", "direction"],
+    )
+    in_flight: dict[tuple[str, str], int] = dict(stats.route_bytes)
+    for view in live:
+        if view.route is not None:
+            for direction, count in (("up", view.bytes_up), ("down", view.bytes_down)):
+                key = (view.route, direction)
+                in_flight[key] = in_flight.get(key, 0) + count
+    for (route, direction), count in sorted(in_flight.items()):
+        moved.add_metric([route, direction], count)
+    return moved
 
 
 class _MetricsPage(Resource):

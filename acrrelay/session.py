@@ -16,20 +16,11 @@ from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from acrrelay import reasons
+from acrrelay import connection, reasons
 from acrrelay.accesslog import AccessRecord
 from acrrelay.backends import AddressDenied
 from acrrelay.clienthello import ClientHello
-from acrrelay.connection import (
-    COARSE,
-    IClientTransport,
-    Inputs,
-    State,
-    describe,
-    host_port,
-    new_machine,
-    unmapped,
-)
+from acrrelay.connection import COARSE, IClientTransport, Inputs, State, new_machine
 from acrrelay.doors import NEED_MORE, Ask, FrontDoor, NoDoor, Refused, choose_door, proxy_signature
 from acrrelay.httphead import HttpRequest
 from acrrelay.proxyproto import ProxyHeader, encode_v1, encode_v2
@@ -43,12 +34,8 @@ if TYPE_CHECKING:
 __all__ = ["Session"]
 
 
-class _BackendFactory(Factory):
-    protocol = BackendProtocol
-    noisy = False
-
-
-_BACKEND_FACTORY: Final = _BackendFactory()
+_BACKEND_FACTORY: Final = Factory.forProtocol(BackendProtocol)
+_BACKEND_FACTORY.noisy = False
 
 
 class Session:
@@ -71,11 +58,11 @@ class Session:
         self.phase = self.previous = "identifying"
         self.started = relay.reactor.seconds()
         #: The TCP peer; with a PROXY header, the load balancer.
-        self.peer = describe(transport.getPeer())
+        self.peer = connection.describe(transport.getPeer())
         #: The client as policy sees it: the PROXY header's source, or the peer.
         self.client = self.peer
         host = getattr(transport.getPeer(), "host", None)
-        self.client_host: str | None = unmapped(host) if host is not None else None
+        self.client_host: str | None = connection.unmapped(host) if host is not None else None
         self.proxy_header: ProxyHeader | None = None
         self.door: FrontDoor = NoDoor()
         self.hello: ClientHello | None = None
@@ -119,7 +106,7 @@ class Session:
             if header.command == "proxy" and header.source is not None:
                 host, port = header.source
                 self.client_host = host
-                self.client = host_port(host, port)
+                self.client = connection.host_port(host, port)
         admitted = self.relay.admit(self.listener.name, self.client_host)
         if isinstance(admitted, Refusal):
             inputs.refuse(Refused(admitted.reason, admitted.detail))
@@ -273,7 +260,7 @@ class Session:
         transport = backend.transport
         assert transport is not None
         self.connected_at = self.relay.reactor.seconds()
-        self.backend_address = describe(transport.getPeer())
+        self.backend_address = connection.describe(transport.getPeer())
         route = self.route_taken
         if route is not None and self.routed_at is not None:
             self.relay.metrics.observe_connect(route.name, self.connected_at - self.routed_at)
@@ -450,11 +437,11 @@ class Session:
 
     def target_text(self) -> str | None:
         if self.target is not None:
-            return host_port(*self.target)
+            return connection.host_port(*self.target)
         if self.hello is not None:
             return self.hello.server_name
         if self.request is not None and self.request.host is not None:
-            return host_port(self.request.host, self.request.port)
+            return connection.host_port(self.request.host, self.request.port)
         return None
 
     # -- timers and pending work

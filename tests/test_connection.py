@@ -94,3 +94,13 @@ def test_counters_come_from_access_records() -> None:
     h.close(client)
     assert h.relay.stats.refused == {"not_allowed": 1}
     assert h.relay.stats.closed == {"refused": 1}
+
+
+def test_the_indexed_lookup_finds_every_transition_automat_built() -> None:
+    """The dict the machine looks transitions up in gives, for every pair, the next state
+    and the action the table names (it replaces Automat's scan, not its table)."""
+    automaton = connection._MACHINE.__automat_automaton__
+    states = {state.name: state for state in automaton.states()}
+    for (old, symbol), (new, action) in TRANSITIONS.items():
+        found, outputs = automaton.outputForInput(states[old], symbol)
+        assert (found.name, [output.name for output in outputs]) == (new, [action])
