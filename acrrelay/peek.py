@@ -172,7 +172,7 @@ class RelayFactory(ServerFactory):
         self.listener = listener
 
     def buildProtocol(self, addr: IAddress | None) -> Protocol | None:
-        if not self.relay.accepts(self.listener, describe(addr)):
+        if not self.relay.accepts(self.listener, addr):
             return None
         host = getattr(addr, "host", None)
         trusted = self.relay.trusts_proxy_header(

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any, Final, cast
 
 import attrs
 from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IAddress
 from twisted.logger import ILogObserver, LogEvent, Logger
 from zope.interface import Interface, implementer
 
@@ -34,7 +35,7 @@ from acrrelay.accesslog import AccessLog, AccessRecord
 from acrrelay.auth import BasicAuth, Runner
 from acrrelay.backends import BackendConnector
 from acrrelay.config import ListenerConfig, RelayConfig
-from acrrelay.connection import State
+from acrrelay.connection import State, describe
 from acrrelay.metrics import RelayMetrics
 from acrrelay.routing import ListenerPolicy, Policy, Refusal, client_ip
 
@@ -286,7 +287,7 @@ class Relay:
 
     # -- the contract with connections (IRelay)
 
-    def accepts(self, listener: ListenerConfig, client: str) -> bool:
+    def accepts(self, listener: ListenerConfig, client: IAddress | None) -> bool:
         """Whether a connection just accepted from ``client`` may have a protocol at all."""
         if self.draining:
             # Listeners close as a drain starts; one that has not yet takes no one new.
@@ -299,7 +300,7 @@ class Relay:
                 "{client} refused: over the connection limit",
                 AccessRecord(
                     listener=listener.name,
-                    client=client,
+                    client=describe(client),
                     close_reason=f"refused:{reasons.OVER_LIMIT}",
                     closed_first="relay",
                     detail=f"{len(self.connections)} connections open",

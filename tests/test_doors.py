@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -30,7 +31,7 @@ ALL = ("tls", "http", "connect")
 README = Path(__file__).resolve().parent.parent / "README.md"
 
 
-def door_for(first: bytes, protocols: tuple[str, ...] = ALL, consume_auth: bool = False) -> object:
+def door_for(first: bytes, protocols: tuple[str, ...] = ALL, consume_auth: bool = False) -> Any:
     return choose_door(
         first,
         listener="front",
@@ -87,7 +88,7 @@ def test_http_door_follows_later_requests_and_cuts_off_a_host_switch() -> None:
     """A plain request asks for its Host on port 80; a later request on the same
     connection for another host is refused as host_switch, in HTTP."""
     first = b"GET /v2/ HTTP/1.1\r\nHost: registry.cn-beijing.aliyuncs.com\r\n\r\n"
-    outcome = door_for(b"G").feed(first)  # type: ignore[attr-defined]
+    outcome = door_for(b"G").feed(first)
     assert isinstance(outcome, Ask) and isinstance(outcome.door, HttpDoor)
     assert (outcome.name, outcome.port) == (REGISTRY, 80)
     door = outcome.door
@@ -104,7 +105,7 @@ def test_http_door_with_consumed_credentials_allows_one_request_only() -> None:
         b"GET http://registry.cn-beijing.aliyuncs.com/v2/ HTTP/1.1\r\n"
         b"Host: registry.cn-beijing.aliyuncs.com\r\nProxy-Authorization: Basic eDp5\r\n\r\n"
     )
-    outcome = door_for(b"G", consume_auth=True).feed(head)  # type: ignore[attr-defined]
+    outcome = door_for(b"G", consume_auth=True).feed(head)
     assert isinstance(outcome, Ask)
     replay = outcome.door.replay(head)
     assert b"Proxy-Authorization" not in replay and b"Connection: close" in replay
@@ -118,7 +119,7 @@ def test_a_door_the_listener_does_not_list_is_refused_in_its_language() -> None:
     """CONNECT on an http-only listener is protocol_not_allowed, answered by the CONNECT
     door (403), and TLS on a listener without it gets an alert from the door-less answer."""
     head = b"CONNECT registry.cn-beijing.aliyuncs.com:443 HTTP/1.1\r\nHost: x\r\n\r\n"
-    outcome = door_for(b"C", protocols=("http",)).feed(head)  # type: ignore[attr-defined]
+    outcome = door_for(b"C", protocols=("http",)).feed(head)
     assert isinstance(outcome, Refused) and outcome.reason == "protocol_not_allowed"
     assert outcome.door is not None and outcome.door.protocol == "connect"
     refused = door_for(b"\x16", protocols=("http",))
@@ -138,7 +139,8 @@ def test_not_tls_and_not_recognized_close_without_an_answer() -> None:
 
 def test_auth_required_is_answered_with_407_and_a_challenge() -> None:
     """The 407 carries Proxy-Authenticate, so clients know to send credentials."""
-    answer = ConnectDoor.answer(None, "auth_required", "missing")  # type: ignore[arg-type]
+    head = b"CONNECT registry.cn-beijing.aliyuncs.com:443 HTTP/1.1\r\nHost: x\r\n\r\n"
+    answer = door_for(b"C").feed(head).door.answer("auth_required", "missing")
     assert answer.startswith(b"HTTP/1.1 407 ")
     assert b'Proxy-Authenticate: Basic realm="acrrelay"' in answer
 
