@@ -1,7 +1,8 @@
 """One JSON line per connection.
 
-Each finished connection emits one ``twisted.logger`` event in the
-``acrrelay.access`` namespace with named fields (:data:`FIELDS`). The
+Each finished connection is one :class:`AccessRecord`, which the relay counts and
+emits as one ``twisted.logger`` event in the ``acrrelay.access`` namespace with
+named fields (:data:`FIELDS`, the record's fields). The
 :class:`AccessLog` observer writes those fields, and nothing else, as one JSON
 object per line to a file or to standard output. An embedding program can pass
 its own observer instead.
@@ -14,10 +15,61 @@ import sys
 from datetime import UTC, datetime
 from typing import IO, Any, Final
 
+import attrs
 from twisted.logger import ILogObserver, LogEvent
 from zope.interface import implementer
 
-__all__ = ["FIELDS", "AccessLog"]
+__all__ = ["FIELDS", "AccessLog", "AccessRecord"]
+
+
+@attrs.frozen
+class AccessRecord:
+    """One finished connection, as the access log writes it: its fields *are* the
+    access-log fields, in the order they are written. None means "not written"."""
+
+    listener: str
+    client: str
+    close_reason: str
+    closed_first: str
+    id: int | None = None
+    worker: int | None = None
+    peer: str | None = None
+    front_door: str | None = None
+    target: str | None = None
+    sni: str | None = None
+    method: str | None = None
+    user: str | None = None
+    alpn: tuple[str, ...] | None = None
+    ech: bool | None = None
+    hello_bytes: int | None = None
+    hello_records: int | None = None
+    route: str | None = None
+    service: str | None = None
+    backend: str | None = None
+    backend_address: str | None = None
+    bytes_up: int | None = 0
+    bytes_down: int | None = 0
+    peek_ms: float | None = None
+    connect_ms: float | None = None
+    total_ms: float | None = None
+    paused_up_ms: float | None = None
+    paused_down_ms: float | None = None
+    zero_copy: str | None = None
+    detail: str | None = None
+
+    def fields(self) -> dict[str, Any]:
+        """The record as ``twisted.logger`` event fields (ALPN as a JSON-friendly list)."""
+        out = {name: getattr(self, name) for name in FIELDS}
+        if self.alpn is not None:
+            out["alpn"] = list(self.alpn)
+        return out
+
+    @property
+    def refusal(self) -> str | None:
+        """The refusal reason, for a connection that was refused."""
+        head, _, reason = self.close_reason.partition(":")
+        return reason if head == "refused" and reason else None
+
 
 #: The fields of an access event, in the order they are written.
 FIELDS: Final = (
@@ -51,6 +103,7 @@ FIELDS: Final = (
     "closed_first",
     "detail",
 )
+assert set(FIELDS) == {field.name for field in attrs.fields(AccessRecord)}
 
 
 @implementer(ILogObserver)

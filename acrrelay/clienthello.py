@@ -43,7 +43,6 @@ _MAX_FRAGMENT: Final = 1 << 14
 
 _EXT_SERVER_NAME: Final = 0
 _EXT_ALPN: Final = 16
-_EXT_SUPPORTED_VERSIONS: Final = 43
 _EXT_ENCRYPTED_CLIENT_HELLO: Final = 0xFE0D
 
 _HOSTNAME_CHARS: Final = frozenset(
@@ -105,8 +104,6 @@ class ClientHello:
     records: int
     #: Bytes consumed from the stream to read it (records with headers).
     stream_bytes: int
-    #: Whether the client offered TLS 1.3 (supported_versions lists 0x0304).
-    tls13: bool
     #: Whether an encrypted_client_hello extension is present; the SNI is then the outer one.
     ech: bool
 
@@ -195,14 +192,13 @@ class ClientHelloReader:
             return None
         if len(hs) > 4 + body_length:
             raise ClientHelloError("malformed", "handshake data follows the ClientHello")
-        server_name, alpn, tls13, ech = _parse_body(bytes(hs[4:]))
+        server_name, alpn, ech = _parse_body(bytes(hs[4:]))
         return ClientHello(
             server_name=server_name,
             alpn=alpn,
             size=4 + body_length,
             records=self._records,
             stream_bytes=self._consumed,
-            tls13=tls13,
             ech=ech,
         )
 
@@ -229,7 +225,7 @@ def _malformed(message: str) -> ClientHelloError:
 
 
 #: The fields of a hello without extensions: no SNI, no ALPN, no TLS 1.3, no ECH.
-_NO_EXTENSIONS: Final[tuple[str | None, tuple[str, ...], bool, bool]] = (None, (), False, False)
+_NO_EXTENSIONS: Final[tuple[str | None, tuple[str, ...], bool]] = (None, (), False)
 
 
 # The parsers below walk one buffer with plain offsets rather than a cursor object: a
@@ -237,7 +233,7 @@ _NO_EXTENSIONS: Final[tuple[str | None, tuple[str, ...], bool, bool]] = (None, (
 # its cost. Every length is checked against the end of its enclosing vector before use.
 
 
-def _parse_body(body: bytes) -> tuple[str | None, tuple[str, ...], bool, bool]:
+def _parse_body(body: bytes) -> tuple[str | None, tuple[str, ...], bool]:
     """(server name, ALPN, offers TLS 1.3, has ECH) from a ClientHello body."""
     end = len(body)
     if end < 2:
@@ -266,7 +262,6 @@ def _parse_body(body: bytes) -> tuple[str | None, tuple[str, ...], bool, bool]:
     seen: set[int] = set()
     server_name: str | None = None
     alpn: tuple[str, ...] = ()
-    tls13 = False
     ech = False
     while pos < end:
         if end - pos < 2:
@@ -280,11 +275,9 @@ def _parse_body(body: bytes) -> tuple[str | None, tuple[str, ...], bool, bool]:
             server_name = _parse_server_name(body, start, pos)
         elif ext_type == _EXT_ALPN:
             alpn = _parse_alpn(body, start, pos)
-        elif ext_type == _EXT_SUPPORTED_VERSIONS:
-            tls13 = _offers_tls13(body, start, pos)
         elif ext_type == _EXT_ENCRYPTED_CLIENT_HELLO:
             ech = True
-    return server_name, alpn, tls13, ech
+    return server_name, alpn, ech
 
 
 def _vector8(body: bytes, pos: int, end: int, what: str) -> int:
@@ -353,15 +346,3 @@ def _parse_alpn(body: bytes, pos: int, end: int) -> tuple[str, ...]:
     if not out:
         raise _malformed("empty ALPN list")
     return tuple(out)
-
-
-def _offers_tls13(body: bytes, pos: int, end: int) -> bool:
-    versions_end = _vector8(body, pos, end, "supported versions")
-    pos += 1
-    if (versions_end - pos) % 2:
-        raise _truncated("supported version")
-    while pos < versions_end:
-        if body[pos] == 0x03 and body[pos + 1] == 0x04:
-            return True
-        pos += 2
-    return False

@@ -39,6 +39,8 @@ from typing import IO, Any, Protocol
 
 import attrs
 
+from acrrelay import reasons
+
 __all__ = [
     "Doctor",
     "Hop",
@@ -67,10 +69,6 @@ FIRST_BYTES = 1024
 PROGRESS_EVERY = 1.0
 #: The first line of the relay's own HTTP error bodies (acrrelay.httphead.error_response).
 _RELAY_REFUSAL = re.compile(rb"\Aacrrelay: ([a-z_]+): ?([^\n]*)")
-#: Refusals by the relay's backend side (acrrelay.peek: 502 and 504).
-_BACKEND_REASONS = frozenset(
-    {"connect_failed", "connect_timeout", "resolve_failed", "address_denied"}
-)
 _CHART_CREDENTIALS = "the chart repository needs credentials: pass --username, --password-stdin"
 _NOT_THE_REGISTRY = (
     "something other than the registry answered (a captive portal or a web proxy?): "
@@ -728,16 +726,16 @@ def _raise_for_relay(response: _Response, host: str, port: int) -> None:
     name = host
     if _oss_endpoint_of(host) not in (None, host):  # a bucket host: route the bucket wildcard
         name = f"*.{host.partition('.')[2]}"
-    if reason == "not_allowed":
+    if reason == reasons.NOT_ALLOWED:
         hint = f"the relay does not route {host}: add {name} to its routes (or --acr REGION)"
-    elif reason == "port_not_allowed":
+    elif reason == reasons.PORT_NOT_ALLOWED:
         hint = (
             f"the relay does not route {host} on port {port}: add {port} to the ports of "
             f"its route for {name}"
         )
-    elif reason == "protocol_not_allowed":
+    elif reason == reasons.PROTOCOL_NOT_ALLOWED:
         hint = 'the relay\'s listener does not take plain HTTP: add "http" to its protocols'
-    elif reason in _BACKEND_REASONS:
+    elif reason in reasons.BACKEND_FAILURES:
         hint = (
             f"the relay routes {host} but could not reach its backend ({reason}): check "
             "that route's backend and the relay's log"

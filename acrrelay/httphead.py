@@ -29,6 +29,7 @@ from urllib.parse import urlsplit
 import attrs
 import h11
 
+from acrrelay import reasons
 from acrrelay.clienthello import NEED_MORE, NeedMore
 
 __all__ = [
@@ -44,12 +45,16 @@ _HOST = re.compile(r"(?:\[([0-9A-Fa-f:.]+)\]|([^\[\]:@/\s]+))(?::([0-9]{1,5}))?\
 
 
 class HttpHeadError(ValueError):
-    """A request head the relay will not route. ``status`` is the HTTP answer to give."""
+    """A request head the relay will not route, for ``reason`` (see :mod:`acrrelay.reasons`)."""
 
-    def __init__(self, reason: str, status: int, message: str) -> None:
+    def __init__(self, reason: str, message: str) -> None:
         super().__init__(message)
         self.reason = reason
-        self.status = status
+
+    @property
+    def status(self) -> int:
+        """The HTTP answer to give, from the one reason table."""
+        return reasons.http_status(self.reason)
 
 
 @attrs.frozen
@@ -81,16 +86,16 @@ class HttpRequest:
 def _split_host(text: str, default_port: int | None) -> tuple[str, int]:
     m = _HOST.match(text)
     if m is None:
-        raise HttpHeadError("malformed", 400, f"bad host {text!r}")
+        raise HttpHeadError("malformed", f"bad host {text!r}")
     host = m.group(1) or m.group(2)
     port_text = m.group(3)
     if port_text is None:
         if default_port is None:
-            raise HttpHeadError("malformed", 400, f"{text!r} names no port")
+            raise HttpHeadError("malformed", f"{text!r} names no port")
         return host, default_port
     port = int(port_text)
     if not 0 < port < 65536 or port_text.startswith("0"):
-        raise HttpHeadError("malformed", 400, f"bad port in {text!r}")
+        raise HttpHeadError("malformed", f"bad port in {text!r}")
     return host, port
 
 
@@ -103,7 +108,7 @@ def _host_key(host: str) -> str:
 def _request_from(event: h11.Request, head_size: int) -> HttpRequest:
     if event.http_version not in (b"1.0", b"1.1"):
         # Only HTTP/1.x is followed here; "PRI * HTTP/2.0" would start h2 behind our back.
-        raise HttpHeadError("malformed", 400, "an HTTP version other than 1.0 and 1.1")
+        raise HttpHeadError("malformed", "an HTTP version other than 1.0 and 1.1")
     method = event.method.decode("ascii")
     target = event.target.decode("ascii", "replace")
     hosts = [value for name, value in event.headers if name == b"host"]
@@ -111,9 +116,9 @@ def _request_from(event: h11.Request, head_size: int) -> HttpRequest:
     lengths = [value for name, value in event.headers if name == b"content-length"]
     codings = [value for name, value in event.headers if name == b"transfer-encoding"]
     if lengths and codings:
-        raise HttpHeadError("malformed", 400, "Content-Length and Transfer-Encoding together")
+        raise HttpHeadError("malformed", "Content-Length and Transfer-Encoding together")
     if codings and (len(codings) > 1 or codings[0].lower() != b"chunked"):
-        raise HttpHeadError("malformed", 400, "a transfer coding other than chunked")
+        raise HttpHeadError("malformed", "a transfer coding other than chunked")
     authorization = next(
         (value for name, value in event.headers if name == b"proxy-authorization"), None
     )
@@ -125,7 +130,7 @@ def _request_from(event: h11.Request, head_size: int) -> HttpRequest:
     if upgrade:
         # After a switch the relay could no longer follow the requests, so a later one
         # could name any host; nothing the relay serves needs it over plain HTTP.
-        raise HttpHeadError("upgrade_refused", 403, "Upgrade is not relayed over plain HTTP")
+        raise HttpHeadError("upgrade_refused", "Upgrade is not relayed over plain HTTP")
     if target.startswith("/") or target == "*":
         if header_host is None or not header_host:
             return HttpRequest(method, target, None, 80, False, head_size, authorization)
@@ -135,14 +140,14 @@ def _request_from(event: h11.Request, head_size: int) -> HttpRequest:
     try:
         url = urlsplit(target)
     except ValueError:
-        raise HttpHeadError("malformed", 400, "bad absolute URI") from None
+        raise HttpHeadError("malformed", "bad absolute URI") from None
     scheme = url.scheme.lower()
     if scheme == "https":
-        raise HttpHeadError("malformed", 400, "an https:// URI needs CONNECT, not a plain request")
+        raise HttpHeadError("malformed", "an https:// URI needs CONNECT, not a plain request")
     if scheme != "http" or not url.netloc:
-        raise HttpHeadError("malformed", 400, f"unsupported request target {target[:80]!r}")
+        raise HttpHeadError("malformed", f"unsupported request target {target[:80]!r}")
     if "@" in url.netloc:
-        raise HttpHeadError("malformed", 400, "user info in the request URI")
+        raise HttpHeadError("malformed", "user info in the request URI")
     host, port = _split_host(url.netloc, 80)
     if header_host is not None:
         # The bytes go on unchanged, so a virtual-hosting backend would serve the Host
@@ -150,7 +155,7 @@ def _request_from(event: h11.Request, head_size: int) -> HttpRequest:
         header = _split_host(header_host, 80) if header_host else ("", 80)
         if (_host_key(header[0]), header[1]) != (_host_key(host), port):
             raise HttpHeadError(
-                "malformed", 400, f"Host {header_host[:80]!r} is not the URI's {url.netloc!r}"
+                "malformed", f"Host {header_host[:80]!r} is not the URI's {url.netloc!r}"
             )
     return HttpRequest(method, target, host, port, True, head_size, authorization)
 
@@ -162,11 +167,11 @@ _BLANK_LINE = re.compile(rb"\n\r?\n")
 def _check_raw_head(head: bytes | bytearray) -> None:
     """Refuse what h11 tolerates but a backend might read differently, since bytes pass as-is."""
     if not head.isascii():
-        raise HttpHeadError("malformed", 400, "non-ASCII bytes in the request head")
+        raise HttpHeadError("malformed", "non-ASCII bytes in the request head")
     if head.count(b"\n") != head.count(b"\r\n"):
-        raise HttpHeadError("malformed", 400, "a line ending without CR")
+        raise HttpHeadError("malformed", "a line ending without CR")
     if b"\n " in head or b"\n\t" in head:
-        raise HttpHeadError("malformed", 400, "a folded header line (obs-fold)")
+        raise HttpHeadError("malformed", "a folded header line (obs-fold)")
 
 
 class HttpHeadReader:
@@ -188,7 +193,7 @@ class HttpHeadReader:
         self.request: HttpRequest | None = None
 
     def _too_large(self) -> HttpHeadError:
-        return HttpHeadError("too_large", 431, f"request head over {self._limit} bytes")
+        return HttpHeadError("too_large", f"request head over {self._limit} bytes")
 
     def feed(self, data: bytes) -> NeedMore | HttpRequest:
         if self._done:
@@ -222,14 +227,14 @@ class HttpHeadReader:
         except h11.RemoteProtocolError as e:
             if e.error_status_hint == 431:
                 raise self._too_large() from None
-            raise HttpHeadError("malformed", 400, str(e) or "malformed request") from None
+            raise HttpHeadError("malformed", str(e) or "malformed request") from None
         if event is h11.NEED_DATA:
             if not fits and len(self._raw) > self._limit:
                 raise self._too_large()
             return NEED_MORE
         self._done = True
         if not isinstance(event, h11.Request) or self._end is None:
-            raise HttpHeadError("malformed", 400, "not a request")
+            raise HttpHeadError("malformed", "not a request")
         _check_raw_head(self._raw[: self._end])
         self._raw = bytearray()
         self.request = _request_from(event, self._end)
@@ -288,7 +293,7 @@ class RequestFollower:
                     # Were it followed by a tunnel, the relay would stop seeing requests;
                     # were it not, a backend that refused it would read the next as HTTP.
                     raise HttpHeadError(
-                        "upgrade_refused", 403, "a CONNECT after a plain request on one connection"
+                        "upgrade_refused", "a CONNECT after a plain request on one connection"
                     )
                 found.append(outcome)
                 self._conn, self._head = self._head._conn, None
@@ -312,7 +317,7 @@ class RequestFollower:
             try:
                 event = self._conn.next_event()
             except h11.RemoteProtocolError as e:
-                raise HttpHeadError("malformed", 400, f"request body: {e}") from None
+                raise HttpHeadError("malformed", f"request body: {e}") from None
             if event is h11.NEED_DATA or event is h11.PAUSED:
                 return None
             if isinstance(event, h11.ConnectionClosed):
@@ -355,6 +360,7 @@ _ERROR_TEXT: Final = {
     407: "Proxy Authentication Required",
     431: "Request Header Fields Too Large",
     502: "Bad Gateway",
+    503: "Service Unavailable",
     504: "Gateway Timeout",
 }
 

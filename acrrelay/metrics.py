@@ -1,9 +1,10 @@
 """Prometheus metrics for one relay, on a registry of its own (never the global one).
 
-Counters and gauges are read from the relay's own :class:`~acrrelay.relay.RelayStats`
-and live connection table when scraped, so the admin shell and Prometheus always
-agree, and bytes of a transfer still in flight are counted. Histograms are observed
-as connections are routed and connected.
+Counters and gauges are read when scraped from the relay's own
+:class:`~acrrelay.relay.RelayStats` (counted from finished connections' access records)
+and its connection views (the live ones), so the admin shell and Prometheus always
+agree, and connections and bytes still in flight are counted. Histograms are observed
+as connections read their hello, are routed and connect.
 
 Labels stay bounded: ``route`` is the route's *pattern* (``*.oss-cn-beijing…``), never
 the name a client asked for, and refusals carry only their reason.
@@ -11,6 +12,7 @@ the name a client asked for, and refusals carry only their reason.
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any, Final
 
@@ -22,7 +24,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
 
 if TYPE_CHECKING:
-    from acrrelay.relay import Relay
+    from acrrelay.relay import ConnectionView, Relay, RelayStats
 
 __all__ = ["NAMES", "RelayMetrics", "metrics_site"]
 
@@ -70,7 +72,6 @@ class RelayMetrics:
             buckets=_SECONDS_BUCKETS,
             registry=self.registry,
         )
-        self._relay: Relay | None = None
         # labels() takes a lock and builds a key on every call; a connection observes
         # each histogram once, so the children are kept, per door and per route pattern.
         self._peek: dict[str, Any] = {}
@@ -90,7 +91,6 @@ class RelayMetrics:
 
     def bind(self, relay: Relay) -> None:
         """Export ``relay``'s counters and gauges from now on."""
-        self._relay = relay
         self.registry.register(_StatsCollector(relay))
 
 
@@ -101,49 +101,9 @@ class _StatsCollector(Collector):
     def collect(self) -> Iterator[Metric]:
         relay = self._relay
         stats = relay.stats
-        live = list(relay.connections.values())
-
-        active = GaugeMetricFamily(
-            "acrrelay_connections_active",
-            "Connections open now, by route and front door (route is empty before routing).",
-            labels=["route", "front_door"],
-        )
-        current: dict[tuple[str, str], int] = {}
-        for connection in live:
-            key = (
-                connection.route.name if connection.route else "",
-                connection.door.protocol if connection.door else "",
-            )
-            current[key] = current.get(key, 0) + 1
-        for (route, door), count in sorted(current.items()):
-            active.add_metric([route, door], count)
-        yield active
-
-        total = CounterMetricFamily(
-            "acrrelay_connections",
-            "Connections routed to a backend (connected or not), by route and front door.",
-            labels=["route", "front_door"],
-        )
-        for (route, door), count in sorted(stats.routed.items()):
-            total.add_metric([route, door], count)
-        yield total
-
-        moved = CounterMetricFamily(
-            "acrrelay_bytes",
-            "Bytes relayed: up is client to backend, down is backend to client.",
-            labels=["route", "direction"],
-        )
-        in_flight: dict[tuple[str, str], int] = dict(stats.route_bytes)
-        for connection in live:
-            pump = connection.pump
-            if pump is not None and connection.route is not None:
-                for direction, count in (("up", pump.bytes_up), ("down", pump.bytes_down)):
-                    key = (connection.route.name, direction)
-                    in_flight[key] = in_flight.get(key, 0) + count
-        for (route, direction), count in sorted(in_flight.items()):
-            moved.add_metric([route, direction], count)
-        yield moved
-
+        live = relay.views()
+        yield from _connections(stats, live)
+        yield _bytes(stats, live)
         yield _by_reason("acrrelay_refusals", "Connections refused, by reason.", stats.refused)
         yield _by_reason(
             "acrrelay_backend_failures",
@@ -158,10 +118,8 @@ class _StatsCollector(Collector):
         )
         for direction in ("up", "down"):
             seconds = stats.paused_seconds.get(direction, 0.0)
-            for connection in live:
-                if connection.pump is not None:
-                    up, down = connection.pump.paused_seconds()
-                    seconds += up if direction == "up" else down
+            for view in live:
+                seconds += view.paused_up if direction == "up" else view.paused_down
             paused.add_metric([direction], seconds)
         yield paused
 
@@ -179,6 +137,50 @@ class _StatsCollector(Collector):
         )
         accepting.add_metric([], 1 if relay.accepting else 0)
         yield accepting
+
+
+def _connections(stats: RelayStats, live: list[ConnectionView]) -> Iterator[Metric]:
+    active = GaugeMetricFamily(
+        "acrrelay_connections_active",
+        "Connections open now, by route and front door (route is empty before routing).",
+        labels=["route", "front_door"],
+    )
+    current: Counter[tuple[str, str]] = Counter(
+        (view.route or "", view.door or "") for view in live
+    )
+    for (route, door), count in sorted(current.items()):
+        active.add_metric([route, door], count)
+    yield active
+
+    total = CounterMetricFamily(
+        "acrrelay_connections",
+        "Connections routed to a backend (connected or not), by route and front door.",
+        labels=["route", "front_door"],
+    )
+    # Finished ones from their records, and the live ones that have a route.
+    routed = stats.routed + Counter(
+        (view.route, view.door or "") for view in live if view.route is not None
+    )
+    for (route, door), count in sorted(routed.items()):
+        total.add_metric([route, door], count)
+    yield total
+
+
+def _bytes(stats: RelayStats, live: list[ConnectionView]) -> Metric:
+    moved = CounterMetricFamily(
+        "acrrelay_bytes",
+        "Bytes relayed: up is client to backend, down is backend to client.",
+        labels=["route", "direction"],
+    )
+    in_flight: dict[tuple[str, str], int] = dict(stats.route_bytes)
+    for view in live:
+        if view.route is not None:
+            for direction, count in (("up", view.bytes_up), ("down", view.bytes_down)):
+                key = (view.route, direction)
+                in_flight[key] = in_flight.get(key, 0) + count
+    for (route, direction), count in sorted(in_flight.items()):
+        moved.add_metric([route, direction], count)
+    return moved
 
 
 class _MetricsPage(Resource):

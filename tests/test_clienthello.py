@@ -291,3 +291,31 @@ def test_memory_is_bounded_by_the_limit(opening: bytes) -> None:
         tracemalloc.stop()
     assert fed <= 17 * 1024
     assert peak < 256 * 1024
+
+
+def _extension_at(hello: bytes, wanted: int) -> int:
+    """The offset in ``hello`` (one record) of extension ``wanted``'s body."""
+    pos = 5 + 4 + 2 + 32
+    pos += 1 + hello[pos]  # session id
+    pos += 2 + int.from_bytes(hello[pos : pos + 2], "big")  # cipher suites
+    pos += 1 + hello[pos]  # compression methods
+    pos += 2  # extensions length
+    while pos < len(hello):
+        kind = int.from_bytes(hello[pos : pos + 2], "big")
+        length = int.from_bytes(hello[pos + 2 : pos + 4], "big")
+        if kind == wanted:
+            return pos + 4
+        pos += 4 + length
+    raise AssertionError(f"no extension {wanted}")
+
+
+def test_a_hello_is_not_refused_over_supported_versions() -> None:
+    """supported_versions is nothing the relay reads: a hello whose version list the
+    relay used to call malformed (an odd length) is routed by its SNI like any other."""
+    hello = bytearray(client_hello_bytes("registry.cn-beijing.aliyuncs.com"))
+    body = _extension_at(bytes(hello), 43)
+    assert hello[body] >= 2
+    hello[body] = 1  # one byte of a two-byte version: the list no longer splits into versions
+    parsed = parse_client_hello(bytes(hello))
+    assert isinstance(parsed, ClientHello)
+    assert parsed.server_name == "registry.cn-beijing.aliyuncs.com"

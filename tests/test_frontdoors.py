@@ -10,6 +10,7 @@ import bcrypt
 import h11
 import pytest
 from twisted.internet.address import IPv4Address
+from twisted.internet.defer import Deferred
 from twisted.internet.error import ConnectionDone, ConnectionLost
 from twisted.python.failure import Failure
 
@@ -91,8 +92,8 @@ def test_http_routes_by_host_and_forwards_byte_exact() -> None:
     _, backend = h.connect_backend()
     assert backend.value() == request
     assert client.value() == b""
-    assert protocol.door is not None and protocol.door.protocol == "http"
-    assert protocol.target == (REGISTRY, 80)
+    assert protocol.session.door is not None and protocol.session.door.protocol == "http"
+    assert protocol.session.target == (REGISTRY, 80)
 
 
 BUCKET = "bkt.oss-cn-beijing.aliyuncs.com"
@@ -318,7 +319,7 @@ def test_connect_is_answered_200_and_spliced_without_its_head() -> None:
     assert client.value() == b"HTTP/1.1 200 Connection established\r\n\r\n"
     protocol.dataReceived(HELLO[40:])
     assert backend.value() == HELLO  # the TLS after CONNECT is not peeked, only passed
-    assert protocol.door is not None and protocol.door.protocol == "connect"
+    assert protocol.session.door is not None and protocol.session.door.protocol == "connect"
 
 
 @pytest.mark.parametrize(
@@ -384,6 +385,7 @@ def test_connect_with_users_needs_proxy_authorization(users_file: Path) -> None:
         status, headers, _ = response_of(client.value())
         assert status == 407, authorization
         assert headers[b"proxy-authenticate"] == b'Basic realm="acrrelay"'
+        h.close(client)
     assert h.reactor.tcpClients == []
     assert h.relay.stats.refused["auth_required"] == 4
 
@@ -419,6 +421,7 @@ def test_plain_http_on_a_listener_with_users_needs_proxy_authorization(users_fil
         status, headers, _ = response_of(client.value())
         assert status == 407
         assert headers[b"proxy-authenticate"] == b'Basic realm="acrrelay"'
+        h.close(client)
     assert h.reactor.tcpClients == []
     assert h.relay.stats.refused["auth_required"] == 2
 
@@ -477,6 +480,7 @@ def test_a_request_that_arrives_while_connecting_meets_the_follower() -> None:
     protocol.dataReceived(OTHER_HOST)
     assert client.disconnecting
     assert response_of(client.value())[0] == 403
+    h.close(client)
     assert h.relay.stats.refused["host_switch"] == 1
 
 
@@ -496,7 +500,7 @@ def test_plain_http_never_moves_the_clients_bytes_past_the_follower(
     h.connect_backend()
     assert protocol.pump is not None
     assert protocol.pump._zero_copy_up is (spliced_up and protocol.pump._zero_copy)
-    assert protocol.pump._zero_copy is h.relay.settings.zero_copy
+    assert protocol.pump._zero_copy is h.relay.config.zero_copy
 
 
 def test_ipv4_clients_on_dual_stack_sockets_are_logged_and_counted_as_ipv4() -> None:
@@ -506,8 +510,8 @@ def test_ipv4_clients_on_dual_stack_sockets_are_logged_and_counted_as_ipv4() -> 
     assert protocol is not None
     transport = PipeEnd(("::ffff:198.51.100.9", 40000))
     protocol.makeConnection(transport)
-    assert protocol.client == "198.51.100.9:40000"
-    assert protocol.client_host == "198.51.100.9"
+    assert protocol.session.client == "198.51.100.9:40000"
+    assert protocol.session.client_host == "198.51.100.9"
     assert h.relay.per_client["198.51.100.9"] == 1
 
 
@@ -525,6 +529,7 @@ def test_a_listener_without_connect_refuses_it() -> None:
     protocol, client = h.accept()
     protocol.dataReceived(f"CONNECT {REGISTRY}:443 HTTP/1.1\r\nHost: x\r\n\r\n".encode())
     assert response_of(client.value())[0] == 403
+    h.close(client)
     assert h.relay.stats.refused["protocol_not_allowed"] == 1
 
 
@@ -534,6 +539,7 @@ def test_a_tls_only_listener_refuses_http_without_answering() -> None:
     protocol, client = h.accept()
     protocol.dataReceived(b"GET / HTTP/1.1\r\nHost: registry.cn-beijing.aliyuncs.com\r\n\r\n")
     assert client.disconnecting and client.value() == b""
+    h.close(client)
     assert h.relay.stats.refused["not_tls"] == 1
 
 
@@ -548,11 +554,11 @@ def test_proxy_header_from_a_trusted_peer_names_the_client() -> None:
     stream = header + HELLO
     for piece in (stream[:3], stream[3:15], stream[15:]):
         protocol.dataReceived(piece)
-    assert protocol.client == "198.51.100.20:41000"
-    assert protocol.peer == "10.9.1.1:55000"
+    assert protocol.session.client == "198.51.100.20:41000"
+    assert protocol.session.peer == "10.9.1.1:55000"
     backend_protocol, backend = h.connect_backend()
     assert backend.value() == HELLO  # the header is not passed on
-    protocol.kill()
+    protocol.session.kill()
     protocol.connectionLost(Failure(ConnectionLost()))
     backend_protocol.connectionLost(Failure(ConnectionLost()))
     assert h.events[-1]["client"] == "198.51.100.20:41000"
@@ -569,6 +575,7 @@ def test_proxy_header_from_anyone_else_is_refused() -> None:
             if client.disconnecting:
                 break
         assert client.disconnecting
+        h.close(client)
         assert h.relay.stats.refused["proxy_untrusted"] == 1
         assert h.reactor.tcpClients == []
 
@@ -579,6 +586,7 @@ def test_a_trusted_peer_must_send_a_header() -> None:
     protocol, client = h.accept(("10.9.1.1", 55000))
     protocol.dataReceived(HELLO)
     assert client.disconnecting
+    h.close(client)
     assert h.relay.stats.refused["proxy_missing"] == 1
 
 
@@ -588,6 +596,7 @@ def test_acl_applies_to_the_client_in_the_proxy_header() -> None:
     protocol, client = h.accept(("10.9.1.1", 55000))
     protocol.dataReceived(encode_v1(("203.0.113.9", 1234), ("10.9.0.1", 443)) + HELLO)
     assert client.disconnecting
+    h.close(client)
     assert h.relay.stats.refused["client_denied"] == 1
     assert h.reactor.tcpClients == []
 
@@ -614,6 +623,7 @@ def test_denied_clients_are_refused_before_reading() -> None:
     h = Harness(FRONT)
     _, client = h.accept(("203.0.113.77", 40000))
     assert client.disconnecting and client.value() == b""
+    h.close(client)
     assert h.relay.stats.refused["client_denied"] == 1
 
 
@@ -644,6 +654,7 @@ def test_per_client_limit() -> None:
     h.accept(("192.0.2.1", 2))
     _, third = h.accept(("192.0.2.1", 3))
     assert third.disconnecting
+    h.close(third)
     assert h.relay.stats.refused["client_limit"] == 1
     closed(third)
     first.connectionLost(Failure(ConnectionLost()))
@@ -730,6 +741,7 @@ def test_resolve_never_connects_to_denied_addresses(name: str, denied: str) -> N
     status, _, body = response_of(client.value())
     assert status == 502
     assert denied in body.decode()
+    h.close(client)
     assert h.relay.stats.backend_failures["address_denied"] == 1
 
 
@@ -790,6 +802,7 @@ def test_resolve_never_connects_into_a_default_denied_network(address: str, netw
     assert status == 502
     shown = str(ipaddress.ip_address(address))  # as the resolver writes it
     assert f"{shown} (in {network})" in body.decode()
+    h.close(client)
     assert h.relay.stats.backend_failures["address_denied"] == 1
 
 
@@ -835,6 +848,7 @@ def test_allow_addresses_never_allows_the_relay_itself() -> None:
     assert h.reactor.tcpClients == []
     status, _, body = response_of(client.value())
     assert status == 502 and b"127.0.0.1 (the relay itself)" in body
+    h.close(client)
     assert h.relay.stats.backend_failures["address_denied"] == 1
 
 
@@ -881,3 +895,27 @@ def test_ipv4_clients_on_dual_stack_sockets_go_out_as_tcp4(encode: str) -> None:
         assert sent[12:14] == b"\x21\x11"  # PROXY command, AF_INET over STREAM
     header, _ = ProxyHeaderReader().feed(sent)  # type: ignore[misc]
     assert header.source == ("192.0.2.7", 40002)
+
+
+def test_authorizing_times_out_when_the_password_check_never_answers(users_file: Path) -> None:
+    """A password check that never answers (a stuck thread pool) does not hold the
+    connection: within the peek timeout it is refused (auth_timeout, 503) and closed, no
+    timer is left behind, and a late answer connects nothing."""
+    held: list[Deferred[bool]] = []
+
+    def hold(f: object, *args: object) -> Deferred[bool]:
+        held.append(Deferred())
+        return held[-1]
+
+    h = Harness(USERS_TOML.format(users=users_file), auth_runner=hold)
+    _, client = connect_with(h, basic("ci", "s3cret"))
+    assert len(held) == 1 and client.producerState == "paused"
+    h.reactor.advance(3600)
+    assert client.disconnecting
+    assert response_of(client.value())[0] == 503
+    h.close(client)
+    assert h.events[-1]["close_reason"] == "refused:auth_timeout"
+    assert h.relay.connections == {}
+    assert h.reactor.getDelayedCalls() == []
+    held[0].callback(True)  # the check answers after all: nothing happens
+    assert h.reactor.tcpClients == []

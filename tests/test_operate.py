@@ -150,11 +150,12 @@ def test_reload_swaps_routes_for_new_connections_only() -> None:
     assert "added: b.example.com" in summary and "removed: a.example.com" in summary
     _, refused = r.connect(A)
     assert alert_description(refused.value()) == 112
+    refused.protocol.connectionLost(Failure(ConnectionDone()))
     assert r.service.relay.stats.refused["not_allowed"] == 1
     routed, _ = r.connect(B)
-    assert routed.route is not None and routed.route.name == B
+    assert routed.session.route_taken is not None and routed.session.route_taken.name == B
     # The established connection still runs on the route it had.
-    assert old.route is not None and old.route.name == A
+    assert old.session.route_taken is not None and old.session.route_taken.name == A
     old.dataReceived(b"still flowing")
     assert old.pump.bytes_up > len(b"still flowing")
     close_pair(old, backend)
@@ -170,7 +171,7 @@ def test_an_invalid_config_is_rejected_and_the_old_one_stays() -> None:
     assert summary.startswith("reload rejected, the previous configuration stays: ")
     assert "relay.idle_timeout" in summary
     routed, _ = r.connect(A)
-    assert routed.route is not None
+    assert routed.session.route_taken is not None
     assert r.service.relay.stats.reloads == {"failed": 1}
 
 
@@ -347,7 +348,7 @@ def test_drain_reports_name_what_remains() -> None:
     r.reactor.advance(0.2)
     [report] = reports()
     shown = [
-        f"{c.id} 192.0.2.7:{40000 + n} -> {A}:443 ({hello} up, {1000 + n} down, 13s)"
+        f"{c.session.id} 192.0.2.7:{40000 + n} -> {A}:443 ({hello} up, {1000 + n} down, 13s)"
         for n, (c, _) in enumerate(pairs[:10])
     ]
     head, _, named = report.partition(" to go: ")
@@ -360,7 +361,7 @@ def test_drain_reports_name_what_remains() -> None:
         r.reactor.advance(0.1)
     _, latest = reports()
     shown = [
-        f"{c.id} 192.0.2.7:{40000 + n} -> {A}:443 ({hello} up, {1000 + n} down, 23s)"
+        f"{c.session.id} 192.0.2.7:{40000 + n} -> {A}:443 ({hello} up, {1000 + n} down, 23s)"
         for n, (c, _) in enumerate(pairs)
         if n >= 2
     ]
@@ -404,7 +405,8 @@ def test_metrics_count_what_happened() -> None:
     client, _ = r.connect(A)
     backend, _ = r.splice(client)
     backend.dataReceived(b"x" * 1000)
-    r.connect("unknown.example.com")
+    _, refused = r.connect("unknown.example.com")
+    refused.protocol.connectionLost(Failure(ConnectionDone()))  # as the relay closed it
     live = scrape(r.service)
     route = (("front_door", "tls"), ("route", A))
     assert live[("acrrelay_connections_active", route)] == 1
@@ -445,10 +447,13 @@ def test_shell_connections_kill_routes_stats() -> None:
     header, row, summary = table.splitlines()
     columns = ["ID", "CLIENT", "DOOR", "TARGET", "ROUTE", "BACKEND", "UP", "DOWN", "AGE"]
     assert header.split() == [*columns, "STATE", "PAUSED"]
-    assert row.split()[:4] == [str(client.id), "192.0.2.7:40000", "tls", f"{A}:443"]
+    assert row.split()[:4] == [str(client.session.id), "192.0.2.7:40000", "tls", f"{A}:443"]
     assert "1m5s" in row and "splicing" in row
     assert summary == "1 connection(s)"
-    assert repr(shell.kill(client.id)) == f"killed {client.id} (192.0.2.7:40000 -> {A}:443)"
+    assert (
+        repr(shell.kill(client.session.id))
+        == f"killed {client.session.id} (192.0.2.7:40000 -> {A}:443)"
+    )
     assert client_end.disconnected
     assert repr(shell.kill(999)) == "no connection 999"
     assert A in repr(shell.routes())
@@ -467,7 +472,7 @@ def test_shell_reload_prints_the_summary_and_the_new_routes_apply() -> None:
         "reloaded relay.toml: routes +1 -0 ~0 (now 2); listeners +0 -0; added: b.example.com"
     )
     routed, _ = r.connect(B)
-    assert routed.route is not None and routed.route.name == B
+    assert routed.session.route_taken is not None and routed.session.route_taken.name == B
     r.splice(routed)
     assert r.reactor.tcpClients[-1][:2] == ("10.2.2.2", 443)
     assert B in repr(shell.routes())

@@ -32,7 +32,7 @@ def test_peek_timeout_fires_on_a_silent_client() -> None:
     transport.protocol.connectionLost(Failure(ConnectionLost()))
     assert h.relay.stats.refused["peek_timeout"] == 1
     assert h.events[-1]["close_reason"] == "refused:peek_timeout"
-    assert protocol.id not in h.relay.connections
+    assert protocol.session.id not in h.relay.connections
 
 
 def test_peek_timeout_on_a_stalled_hello_sends_an_alert() -> None:
@@ -53,10 +53,11 @@ def test_unknown_name_is_refused_with_unrecognized_name() -> None:
     assert alert_description(transport.value()) == ALERT_UNRECOGNIZED_NAME
     assert transport.disconnecting
     assert h.reactor.tcpClients == []
-    assert h.relay.stats.refused["not_allowed"] == 1
     assert protocol.state is State.CLOSING
     # Bytes arriving after the refusal are ignored.
     protocol.dataReceived(b"more")
+    h.close(transport)
+    assert h.relay.stats.refused["not_allowed"] == 1
     assert h.reactor.tcpClients == []
 
 
@@ -142,6 +143,7 @@ def test_connect_timeout_closes_the_client() -> None:
     assert transport.disconnecting
     assert alert_description(transport.value()) == ALERT_INTERNAL_ERROR
     assert h.reactor.connectors[0].stoppedConnecting
+    h.close(transport)
     assert h.relay.stats.backend_failures["connect_timeout"] == 1
     transport.protocol.connectionLost(Failure(ConnectionLost()))
     assert h.events[-1]["close_reason"] == "connect_timeout"
@@ -160,6 +162,7 @@ def test_connect_timeout_bounds_a_resolve_route_too() -> None:
     h.reactor.advance(0.2)
     assert transport.disconnecting
     assert all(c.stoppedConnecting for c in h.reactor.connectors)
+    h.close(transport)
     assert h.relay.stats.backend_failures["connect_timeout"] == 1
     transport.protocol.connectionLost(Failure(ConnectionLost()))
     assert h.events[-1]["close_reason"] == "connect_timeout"
@@ -187,6 +190,7 @@ def test_refused_backend_closes_the_client() -> None:
     factory.clientConnectionFailed(h.reactor.connectors[0], Failure(ConnectionRefusedError()))
     assert transport.disconnecting
     assert alert_description(transport.value()) == ALERT_INTERNAL_ERROR
+    h.close(transport)
     assert h.relay.stats.backend_failures["connect_failed"] == 1
 
 
@@ -258,6 +262,7 @@ def test_a_bad_backend_endpoint_costs_one_connection_only() -> None:
     protocol, transport = h.accept()
     protocol.dataReceived(HELLO)
     assert transport.disconnecting
+    h.close(transport)
     assert h.relay.stats.backend_failures["connect_failed"] == 1
 
 
@@ -277,7 +282,7 @@ def test_kill_cuts_a_spliced_connection() -> None:
     protocol, client = h.accept()
     protocol.dataReceived(HELLO)
     backend_protocol, backend = h.connect_backend()
-    protocol.kill()
+    protocol.session.kill()
     assert client.disconnected and backend.disconnected
     protocol.connectionLost(Failure(ConnectionLost()))
     backend_protocol.connectionLost(Failure(ConnectionLost()))
@@ -308,6 +313,7 @@ def test_an_internal_error_costs_one_connection_only() -> None:
     protocol.dataReceived(HELLO)  # must not raise
     assert transport.disconnecting
     assert alert_description(transport.value()) == ALERT_INTERNAL_ERROR
+    h.close(transport)
     assert h.relay.stats.refused["internal_error"] == 1
     transport.protocol.connectionLost(Failure(ConnectionLost()))
     assert h.events[-1]["close_reason"] == "refused:internal_error"
@@ -326,8 +332,9 @@ def test_a_refusal_flood_is_summarised_in_the_main_log() -> None:
             protocol.dataReceived(client_hello_bytes("unknown.example.com"))
             transport.protocol.connectionLost(Failure(ConnectionLost()))
         h.reactor.advance(61)
-        protocol, _ = h.accept()
+        protocol, transport = h.accept()
         protocol.dataReceived(client_hello_bytes("unknown.example.com"))
+        h.close(transport)
     finally:
         globalLogPublisher.removeObserver(seen.append)
     one_by_one = [e for e in seen if e.get("log_format", "").startswith("refused ")]
@@ -335,4 +342,4 @@ def test_a_refusal_flood_is_summarised_in_the_main_log() -> None:
     assert len(one_by_one) == 11  # 10 in the first minute, then the first of the next
     assert [s["more"] for s in summaries] == [15]
     assert h.relay.stats.refused["not_allowed"] == 26
-    assert len(h.events) == 25  # each closed connection has its access line
+    assert len(h.events) == 26  # each closed connection has its access line

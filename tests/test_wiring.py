@@ -10,9 +10,10 @@ import textwrap
 import pytest
 from twisted.application.service import IServiceMaker
 from twisted.internet.address import IPv4Address
-from twisted.internet.error import CannotListenError
+from twisted.internet.error import CannotListenError, ConnectionDone
 from twisted.internet.testing import MemoryReactorClock, RaisingMemoryReactor
 from twisted.plugin import getPlugins
+from twisted.python.failure import Failure
 
 from acrrelay import ListenError, RelayFactory, make_relay_service, parse_config
 from acrrelay.routing import Route, parse_pattern
@@ -223,6 +224,7 @@ def test_the_service_denies_its_own_listening_address_to_resolve() -> None:
     assert client.value().startswith(b"HTTP/1.1 502 ")
     assert b"address_denied" in client.value()
     assert b"127.0.0.1 (the relay itself)" in client.value()
+    client.protocol.connectionLost(Failure(ConnectionDone()))  # counted as it ends
     assert service.relay.stats.backend_failures["address_denied"] == 1
 
     _http_request_to(factory, "self.example.com:18081")

@@ -16,7 +16,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from acrrelay.config import format_duration
-from acrrelay.peek import State
+from acrrelay.connection import State
 
 if TYPE_CHECKING:
     from acrrelay.service import RelayService
@@ -70,30 +70,27 @@ class RelayShell:
         relay = self._service.relay
         now = relay.reactor.seconds()
         rows = []
-        for connection in sorted(relay.connections.values(), key=lambda c: c.id):
-            pump = connection.pump
-            up = pump.bytes_up if pump else 0
-            down = pump.bytes_down if pump else 0
-            held = []
-            if pump is not None:
-                client_held, backend_held = pump.paused
-                if client_held:
-                    held.append("client")
-                if backend_held:
-                    held.append("backend")
-            target = connection.target
+        for view in relay.views():
+            held = [
+                side
+                for side, paused in (
+                    ("client", view.client_paused),
+                    ("backend", view.backend_paused),
+                )
+                if paused
+            ]
             rows.append(
                 [
-                    str(connection.id),
-                    connection.client,
-                    connection.door.protocol if connection.door else "-",
-                    f"{target[0]}:{target[1]}" if target else "-",
-                    connection.route.name if connection.route else "-",
-                    connection.backend_address or "-",
-                    human_bytes(up),
-                    human_bytes(down),
-                    format_duration(round(now - connection.started)),
-                    connection.state.value,
+                    str(view.id),
+                    view.client,
+                    view.door or "-",
+                    view.target_text,
+                    view.route or "-",
+                    view.backend_address or "-",
+                    human_bytes(view.bytes_up),
+                    human_bytes(view.bytes_down),
+                    format_duration(round(now - view.started)),
+                    view.state.value,
                     ",".join(held) or "-",
                 ]
             )
@@ -108,13 +105,10 @@ class RelayShell:
 
     def kill(self, connection_id: int) -> Text:
         """Cut one connection at once, both sides (it is logged as killed)."""
-        connection = self._service.relay.connections.get(connection_id)
-        if connection is None:
+        view = self._service.relay.kill(connection_id, "killed")
+        if view is None:
             return Text(f"no connection {connection_id}")
-        target = connection.target
-        connection.kill()
-        where = f"{target[0]}:{target[1]}" if target else "-"
-        return Text(f"killed {connection_id} ({connection.client} -> {where})")
+        return Text(f"killed {connection_id} ({view.client} -> {view.target_text})")
 
     def routes(self) -> Text:
         """The route table in force: name, backend, service, ports, and where it came from."""
