@@ -12,10 +12,12 @@ from collections.abc import Iterable, Sequence
 from typing import TextIO
 
 from acrrelay import __version__
-from acrrelay.config import ConfigError, Overlay, RelayConfig, format_duration, load_config
+from acrrelay.config import RELAY_SETTINGS, ConfigError, Overlay, RelayConfig, load_config
 from acrrelay.routing import DEFAULT_PORTS, Route
 
 __all__ = ["format_config", "main"]
+
+_SETTING_WIDTH = max(len(setting.name) for setting in RELAY_SETTINGS)
 
 
 def format_config(config: RelayConfig) -> str:
@@ -24,14 +26,10 @@ def format_config(config: RelayConfig) -> str:
         f"{config.source}: OK",
         "",
         "settings:",
-        f"  peek_timeout     {format_duration(config.peek_timeout)}",
-        f"  peek_limit       {config.peek_limit} bytes",
-        f"  connect_timeout  {format_duration(config.connect_timeout)}",
-        f"  idle_timeout     {format_duration(config.idle_timeout)}",
-        f"  buffer_size      {config.buffer_size} bytes per direction",
-        f"  access_log       {config.access_log or 'off'}",
-        f"  max_connections  {config.max_connections or 'from the file-descriptor limit'}",
-        f"  per client       {config.max_connections_per_client or 'no limit'}",
+        *(
+            f"  {setting.name:<{_SETTING_WIDTH}}  {setting.show(setting.of(config))}"
+            for setting in RELAY_SETTINGS
+        ),
         "",
         "listeners:",
     ]

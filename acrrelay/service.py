@@ -41,7 +41,13 @@ from acrrelay.admin.ssh import (
     read_authorized_keys,
     ssh_portal,
 )
-from acrrelay.config import ConfigError, ListenerConfig, RelayConfig, format_duration
+from acrrelay.config import (
+    RELAY_SETTINGS,
+    ConfigError,
+    ListenerConfig,
+    RelayConfig,
+    format_duration,
+)
 from acrrelay.metrics import metrics_site
 from acrrelay.peek import RelayFactory, describe
 from acrrelay.relay import AccessObserver, Relay
@@ -472,13 +478,11 @@ def describe_changes(old: RelayConfig, new: RelayConfig) -> str:
             shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
             parts.append(f"{title}: {shown}")
     settings = [
-        f"{field} {getattr(old, field)!r} -> {getattr(new, field)!r}"
-        for field in (
-            "peek_timeout", "peek_limit", "connect_timeout", "idle_timeout", "buffer_size",
-            "access_log", "max_connections", "max_connections_per_client", "drain_timeout",
-        )
-        if getattr(old, field) != getattr(new, field)
-    ]  # fmt: skip
+        f"{setting.name} {setting.show(setting.of(old))} -> {setting.show(setting.of(new))}"
+        + ("" if setting.reloadable else " (at restart)")
+        for setting in RELAY_SETTINGS
+        if setting.of(old) != setting.of(new)
+    ]
     if settings:
         parts.append("settings: " + ", ".join(settings))
     if old.admin != new.admin:

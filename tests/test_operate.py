@@ -28,7 +28,7 @@ from acrrelay.admin.ssh import (
     read_authorized_keys,
     run_command,
 )
-from acrrelay.config import ConfigError, RelayConfig, load_config
+from acrrelay.config import RELAY_SETTINGS, ConfigError, RelayConfig, Setting, load_config
 from acrrelay.service import RelayService, _adopted_family_mismatch, describe_changes
 from acrrelay.testing import alert_description, client_hello_bytes
 from tests.doubles import Events, PipeEnd
@@ -251,10 +251,43 @@ def test_a_config_file_that_is_not_utf8_is_rejected_on_reload(tmp_path: Path) ->
 
 
 def test_change_summary_names_settings() -> None:
-    """The reload summary says which settings changed."""
+    """The reload summary says which settings changed, as they are written in the file."""
     old = parse_config(BASE)
     new = parse_config(BASE.replace('drain_timeout = "20s"', 'drain_timeout = "5m"'))
-    assert "settings: drain_timeout 20.0 -> 300.0" in describe_changes(old, new)
+    assert "settings: drain_timeout 20s -> 5m" in describe_changes(old, new)
+
+
+#: For each [relay] setting, a value other than BASE's, and how the summary shows it.
+OTHER_VALUES = {
+    "peek_timeout": ('"3s"', "10s -> 3s"),
+    "peek_limit": ('"8KiB"', "16KiB -> 8KiB"),
+    "connect_timeout": ("2.5", "10s -> 2.5s"),
+    "idle_timeout": ('"1h"', "15m -> 1h"),
+    "buffer_size": ("8192", "64KiB -> 8KiB"),
+    "access_log": ('"off"', "- -> off"),
+    "max_connections": ("100", "from the file-descriptor limit -> 100"),
+    "max_connections_per_client": ("5", "no limit -> 5"),
+    "drain_timeout": ('"1m"', "20s -> 1m"),
+    "zero_copy": ("false", "true -> false"),
+    "workers": ("2", "1 -> 2 (at restart)"),
+}
+
+
+def test_every_setting_has_a_reload_case() -> None:
+    """A new [relay] setting cannot be left out of the reload test below."""
+    assert sorted(OTHER_VALUES) == sorted(setting.name for setting in RELAY_SETTINGS)
+
+
+@pytest.mark.parametrize("setting", RELAY_SETTINGS, ids=lambda setting: setting.name)
+def test_a_reload_reports_each_setting_it_changes(setting: Setting) -> None:
+    """A reload that changes any one [relay] setting names it in its summary, old -> new."""
+    value, shown = OTHER_VALUES[setting.name]
+    r = Running()
+    lines = [line for line in BASE.splitlines() if not line.startswith(f"{setting.name} =")]
+    toml = "\n".join(lines).replace("[relay]\n", f"[relay]\n{setting.name} = {value}\n")
+    summary = r.reload_with(toml)
+    assert summary.endswith(f"; settings: {setting.name} {shown}")
+    assert setting.of(r.service.config) != setting.of(parse_config(BASE))
 
 
 class Adopted:
