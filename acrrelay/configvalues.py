@@ -263,6 +263,23 @@ def nonempty(convert: Callable[[object], tuple[T, ...]]) -> Callable[[object], t
     return check
 
 
+def readable_file(what: str) -> Callable[[object], str]:
+    """A path to a file that exists and can be read; ``what`` names it in messages."""
+
+    def check(value: object) -> str:
+        path = string(value)
+        try:
+            with open(path, "rb"):
+                pass
+        except FileNotFoundError:
+            raise ValueError(f"{what} {path} does not exist") from None
+        except OSError as e:
+            raise ValueError(f"{what} {path} cannot be read: {e.strerror or e}") from None
+        return path
+
+    return check
+
+
 def read_users_file(path: str) -> dict[str, bytes]:
     """``user:bcrypt-hash`` lines (htpasswd -B format); '#' comments and blank lines skipped."""
     try:

@@ -19,7 +19,7 @@ from twisted.internet.testing import MemoryReactorClock
 from twisted.logger import Logger, formatEvent
 from twisted.python.failure import Failure
 
-from acrrelay import make_relay_service, parse_config
+from acrrelay import ListenError, make_relay_service, parse_config
 from acrrelay.admin.shell import RelayShell, human_bytes
 from acrrelay.admin.ssh import (
     KeyFileError,
@@ -565,9 +565,16 @@ def test_run_command_gives_output_and_status() -> None:
 
 
 def test_admin_config(tmp_path: Path) -> None:
-    """The SSH shell needs authorized keys, and binds 127.0.0.1 unless told otherwise."""
+    """The SSH shell needs an authorized_keys file that exists, and binds 127.0.0.1 unless
+    told otherwise."""
     with pytest.raises(ConfigError, match=r"admin\.authorized_keys: the SSH shell needs"):
         parse_config(BASE + '[admin]\nssh = "tcp:2222"\n')
+    missing = tmp_path / "nobody"
+    with pytest.raises(ConfigError) as info:
+        parse_config(BASE + f'[admin]\nssh = "tcp:2222"\nauthorized_keys = "{missing}"\n')
+    assert str(info.value) == (
+        f"<string>: admin.authorized_keys: authorized keys {missing} does not exist"
+    )
     path = tmp_path / "authorized_keys"
     path.write_text(host_key(str(tmp_path / "k")).public().toString("OPENSSH").decode() + "\n")
     config = parse_config(
@@ -575,3 +582,22 @@ def test_admin_config(tmp_path: Path) -> None:
     )
     assert config.admin.ssh == "tcp:2222:interface=127.0.0.1"
     assert config.admin.metrics == "tcp6:9180:interface=\\:\\:1"
+
+
+def test_unusable_authorized_keys_fail_start_with_one_line(tmp_path: Path) -> None:
+    """The service parses the authorized_keys file when it binds the shell: a file without
+    a key fails the start with one line naming the file and line, and nothing stays bound."""
+    keys_file = tmp_path / "authorized_keys"
+    keys_file.write_text("# admins\nnot a key\n")
+    toml = BASE + (
+        f'[admin]\nssh = "tcp:2222"\nauthorized_keys = "{keys_file}"\n'
+        f'host_key = "{tmp_path / "host_key"}"\n'
+    )
+    reactor = Reactor()
+    service = make_relay_service(parse_config(toml), reactor)
+    with pytest.raises(ListenError) as info:
+        service.startService()
+    assert str(info.value) == (
+        f"cannot start the SSH shell: {keys_file} line 2: no public key found"
+    )
+    assert [(port.port, port.stopped) for port in reactor.ports] == [(8443, True)]

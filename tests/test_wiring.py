@@ -6,6 +6,7 @@ import ipaddress
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 from twisted.application.service import IServiceMaker
@@ -67,6 +68,29 @@ def test_pure_core_imports_no_reactor(module: str, forbid: str) -> None:
         f"import sys, {module}\n"
         f"bad = [m for m in sys.modules if m == {forbid!r} or m.startswith({forbid!r} + '.')]\n"
         "assert not bad, bad\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
+def test_config_with_an_admin_shell_needs_neither_conch_nor_a_reactor(tmp_path: Path) -> None:
+    """Loading a configuration with an SSH shell checks the keys file is there without
+    importing conch (the service parses the keys) or a reactor."""
+    keys = tmp_path / "authorized_keys"
+    keys.write_text("not parsed here\n")
+    toml = tmp_path / "relay.toml"
+    toml.write_text(
+        CONFIG + f'[admin]\nssh = "tcp:2222"\nauthorized_keys = "{keys}"\nmetrics = "tcp:9180"\n'
+    )
+    code = textwrap.dedent(
+        f"""
+        import sys
+        from acrrelay.config import load_config
+        config = load_config({str(toml)!r})
+        assert config.admin.authorized_keys == {str(keys)!r}
+        forbidden = ("twisted.conch", "twisted.internet.reactor")
+        bad = [m for m in sys.modules if m.startswith(forbidden)]
+        assert not bad, bad
+        """
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
 
