@@ -18,6 +18,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Final, cast
 
 import attrs
+from twisted.internet.defer import Deferred, succeed
 from twisted.logger import ILogObserver, LogEvent, Logger
 from zope.interface import implementer
 
@@ -144,6 +145,7 @@ class Relay:
         #: Set by a drain: accepting never resumes, whatever the limit says.
         self.draining = False
         self._ids = itertools.count(1)
+        self._empty_waiters: list[Deferred[None]] = []
         self.access_log: AccessLog | None = None
         self._access_observer = access_observer
         self.access = Logger(
@@ -258,6 +260,18 @@ class Relay:
     def closed(self, connection: RelayProtocol) -> None:
         self.connections.pop(connection.id, None)
         self._resume_if_room()
+        if not self.connections:
+            waiters, self._empty_waiters = self._empty_waiters, []
+            for waiter in waiters:
+                waiter.callback(None)
+
+    def when_empty(self) -> Deferred[None]:
+        """Fires once no connection is open (at once if none is)."""
+        if not self.connections:
+            return succeed(None)
+        waiter: Deferred[None] = Deferred()
+        self._empty_waiters.append(waiter)
+        return waiter
 
     def _resume_if_room(self) -> None:
         """Start accepting again if a pause at the limit is over (a close, a higher limit)."""

@@ -16,8 +16,9 @@ from twisted.internet.testing import MemoryReactorClock, RaisingMemoryReactor
 from twisted.plugin import getPlugins
 
 from acrrelay import ListenError, RelayFactory, make_relay_service, parse_config
+from acrrelay.limits import local_addresses
 from acrrelay.routing import Route, parse_pattern
-from acrrelay.service import local_addresses
+from acrrelay.service import SignalledRelayService
 from acrrelay.tap import Options, makeService
 from tests.doubles import Events, PipeEnd
 
@@ -170,12 +171,10 @@ def test_a_port_that_cannot_bind_fails_start() -> None:
 
 def test_tap_service_exits_cleanly_when_a_port_cannot_bind() -> None:
     """Under twist, the bind failure becomes SystemExit with one line, not a traceback."""
-    from acrrelay.tap import _ExitingRelayService
-
     reactor = RaisingMemoryReactor(
         listenException=CannotListenError("", 9443, OSError(13, "Permission denied"))
     )
-    service = _ExitingRelayService(parse_config(CONFIG), reactor)
+    service = SignalledRelayService(parse_config(CONFIG), reactor)
     with pytest.raises(SystemExit) as info:
         service.startService()
     assert (
