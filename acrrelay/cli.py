@@ -267,6 +267,15 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"acrrelay {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_config_commands(commands)
+    _add_hosts(commands)
+    _add_resolve(commands)
+    _add_doctor(commands)
+    return parser
+
+
+def _add_config_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """check-config and passwd."""
     check = commands.add_parser(
         "check-config",
         help="validate a configuration and print the expanded route table",
@@ -290,6 +299,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     passwd.set_defaults(run=_passwd)
 
+
+def _add_hosts(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """hosts: what a client machine needs."""
     hosts = commands.add_parser(
         "hosts",
         help="print the hosts lines (or proxy settings) a client needs",
@@ -335,6 +347,9 @@ def _parser() -> argparse.ArgumentParser:
     hosts.add_argument("--proxy-user", metavar="USER", help="for proxy formats with connect_users")
     hosts.set_defaults(run=_hosts)
 
+
+def _add_resolve(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """resolve: the configured names from the relay's side."""
     resolve = commands.add_parser(
         "resolve",
         help="resolve the configured names from the relay's side and print routes for CEN/VPN",
@@ -353,6 +368,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     resolve.set_defaults(run=_resolve)
 
+
+def _add_doctor(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """doctor: a registry's three services, hop by hop."""
     doctor = commands.add_parser(
         "doctor",
         help="check a registry's three services hop by hop, through the relay or direct",
@@ -404,7 +422,6 @@ def _parser() -> argparse.ArgumentParser:
     doctor.add_argument("--timeout", type=float, default=15.0, metavar="SECONDS")
     doctor.add_argument("--json", action="store_true", help="print JSON")
     doctor.set_defaults(run=_doctor)
-    return parser
 
 
 def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:

@@ -33,13 +33,6 @@ from twisted.internet.interfaces import IListeningPort, IProtocolFactory
 from twisted.logger import Logger
 
 from acrrelay.admin.shell import namespace
-from acrrelay.admin.ssh import (
-    KeyFileError,
-    host_key,
-    make_ssh_factory,
-    read_authorized_keys,
-    ssh_portal,
-)
 from acrrelay.config import RELAY_SETTINGS, ConfigError, ListenerConfig, RelayConfig
 from acrrelay.drain import Clock, Drain, cut_all
 from acrrelay.limits import connections_for, local_addresses, own_endpoints, raise_fd_limit
@@ -254,6 +247,8 @@ class RelayService(MultiService):
         if self.relay.access_log is not None and self.relay.access_log.is_open:
             self.relay.access_log.reopen()  # after logrotate moved it away
         if keys is not None and self._ssh_factory is not None:
+            from acrrelay.admin.ssh import ssh_portal
+
             self._ssh_factory.portal = ssh_portal(namespace(self), keys)
         summary = describe_changes(old, config)
         self.relay.stats.reloads["ok"] += 1
@@ -325,12 +320,17 @@ class RelayService(MultiService):
         admin = config.admin
         if admin.ssh is None or admin.authorized_keys is None:
             return None
+        # conch (which imports the global reactor) only for a relay with a shell.
+        from acrrelay.admin.ssh import KeyFileError, read_authorized_keys
+
         try:
             return {admin.ssh_user.encode(): read_authorized_keys(admin.authorized_keys)}
         except KeyFileError as e:
             raise ConfigError(config.source, "admin.authorized_keys", str(e)) from None
 
     def _listen_ssh(self) -> IListeningPort:
+        from acrrelay.admin.ssh import KeyFileError, host_key, make_ssh_factory
+
         admin = self.config.admin
         assert admin.ssh is not None
         try:

@@ -17,10 +17,13 @@ from twisted.plugin import getPlugins
 
 from acrrelay import ListenError, RelayFactory, make_relay_service, parse_config
 from acrrelay.limits import local_addresses
+from acrrelay.listening import ListeningService
 from acrrelay.routing import Route, parse_pattern
 from acrrelay.service import SignalledRelayService
 from acrrelay.tap import Options, makeService
 from tests.doubles import Events, PipeEnd
+
+REPO = Path(__file__).resolve().parent.parent
 
 CONFIG = """
 [[listen]]
@@ -265,3 +268,43 @@ def test_a_wildcard_listener_is_the_relay_on_every_interface() -> None:
     for address in interfaces:
         assert guard.refuse(route, str(address), 18080) == "the relay itself", address
         assert guard.refuse(route, str(address), 18082) is None, address
+
+
+def test_make_service_uses_the_reactor_it_is_given() -> None:
+    """makeService(options, reactor) builds the signalled service on that reactor, its
+    worker pool too, and never imports the global reactor."""
+    code = textwrap.dedent(
+        """
+        import sys
+        from twisted.internet.testing import MemoryReactorClock
+        from acrrelay.service import SignalledRelayService
+        from acrrelay.tap import Options, makeService
+        from acrrelay.workers import WorkerPool
+
+        reactor = MemoryReactorClock()
+        options = Options()
+        options.parseOptions(["--config", "etc/acrrelay.toml"])
+        service = makeService(options, reactor)
+        assert isinstance(service, SignalledRelayService) and service.reactor is reactor
+        assert service.relay.reactor is reactor
+        assert not [child for child in service if isinstance(child, WorkerPool)]
+        assert "twisted.internet.reactor" not in sys.modules, "the global reactor was imported"
+        """
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60, cwd=REPO)
+
+
+def test_listeners_and_admin_endpoints_are_child_services(tmp_path: Path) -> None:
+    """Each listener and the metrics page is a child service holding its own port: stopping
+    the metrics child alone stops only its port."""
+    reactor = MemoryReactorClock()
+    config = parse_config(CONFIG + '[admin]\nmetrics = "tcp:9180"\n')
+    service = make_relay_service(config, reactor)
+    service.startService()
+    children = [child for child in service if isinstance(child, ListeningService)]
+    assert len(children) == 3
+    assert [child.port for child in children[:2]] == service.ports
+    metrics = children[2]
+    assert metrics.port is not None and metrics.port.getHost().port == 9180
+    metrics.stopService()
+    assert metrics.port is None and len(service.ports) == 2
