@@ -159,7 +159,9 @@ class Drain:
     def _emptied(self, _: object) -> None:
         if not self._cut and self._timer is not None:
             self._log.info("drained: every connection finished")
-        self._finish()
+        # The table empties inside the last connection's connectionLost, before it writes
+        # its access record: finish (and close the access log) on the next turn.
+        self._clock.callLater(0, self._finish)
 
     def _finish(self) -> None:
         if self.done.called:
