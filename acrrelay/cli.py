@@ -12,10 +12,12 @@ from collections.abc import Iterable, Sequence
 from typing import TextIO
 
 from acrrelay import __version__
-from acrrelay.config import ConfigError, Overlay, RelayConfig, format_duration, load_config
+from acrrelay.config import RELAY_SETTINGS, ConfigError, Overlay, RelayConfig, load_config
 from acrrelay.routing import DEFAULT_PORTS, Route
 
 __all__ = ["format_config", "main"]
+
+_SETTING_WIDTH = max(len(setting.name) for setting in RELAY_SETTINGS)
 
 
 def format_config(config: RelayConfig) -> str:
@@ -24,14 +26,10 @@ def format_config(config: RelayConfig) -> str:
         f"{config.source}: OK",
         "",
         "settings:",
-        f"  peek_timeout     {format_duration(config.peek_timeout)}",
-        f"  peek_limit       {config.peek_limit} bytes",
-        f"  connect_timeout  {format_duration(config.connect_timeout)}",
-        f"  idle_timeout     {format_duration(config.idle_timeout)}",
-        f"  buffer_size      {config.buffer_size} bytes per direction",
-        f"  access_log       {config.access_log or 'off'}",
-        f"  max_connections  {config.max_connections or 'from the file-descriptor limit'}",
-        f"  per client       {config.max_connections_per_client or 'no limit'}",
+        *(
+            f"  {setting.name:<{_SETTING_WIDTH}}  {setting.show(setting.of(config))}"
+            for setting in RELAY_SETTINGS
+        ),
         "",
         "listeners:",
     ]
@@ -269,6 +267,15 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"acrrelay {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_config_commands(commands)
+    _add_hosts(commands)
+    _add_resolve(commands)
+    _add_doctor(commands)
+    return parser
+
+
+def _add_config_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """check-config and passwd."""
     check = commands.add_parser(
         "check-config",
         help="validate a configuration and print the expanded route table",
@@ -292,6 +299,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     passwd.set_defaults(run=_passwd)
 
+
+def _add_hosts(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """hosts: what a client machine needs."""
     hosts = commands.add_parser(
         "hosts",
         help="print the hosts lines (or proxy settings) a client needs",
@@ -337,6 +347,9 @@ def _parser() -> argparse.ArgumentParser:
     hosts.add_argument("--proxy-user", metavar="USER", help="for proxy formats with connect_users")
     hosts.set_defaults(run=_hosts)
 
+
+def _add_resolve(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """resolve: the configured names from the relay's side."""
     resolve = commands.add_parser(
         "resolve",
         help="resolve the configured names from the relay's side and print routes for CEN/VPN",
@@ -355,6 +368,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     resolve.set_defaults(run=_resolve)
 
+
+def _add_doctor(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """doctor: a registry's three services, hop by hop."""
     doctor = commands.add_parser(
         "doctor",
         help="check a registry's three services hop by hop, through the relay or direct",
@@ -406,7 +422,6 @@ def _parser() -> argparse.ArgumentParser:
     doctor.add_argument("--timeout", type=float, default=15.0, metavar="SECONDS")
     doctor.add_argument("--json", action="store_true", help="print JSON")
     doctor.set_defaults(run=_doctor)
-    return parser
 
 
 def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:

@@ -16,21 +16,26 @@ This module needs no reactor; endpoint strings are checked by :mod:`acrrelay.end
 
 from __future__ import annotations
 
-import difflib
-import ipaddress
-import re
 import tomllib
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from types import MappingProxyType
 from typing import Any, Final, TypeVar
 
 import attrs
 
 from acrrelay import catalogue
-from acrrelay.endpoints import EndpointError, check_client_endpoint, check_server_endpoint
+from acrrelay import configvalues as v
+from acrrelay.configvalues import (
+    ConfigError,
+    Table,
+    format_duration,
+    format_size,
+    parse_duration,
+    parse_size,
+    read_users_file,
+)
 from acrrelay.routing import (
     DEFAULT_PORTS,
-    PROTOCOLS,
     RESOLVE,
     InvalidName,
     IPNetwork,
@@ -42,102 +47,26 @@ from acrrelay.routing import (
 )
 
 __all__ = [
+    "RELAY_SETTINGS",
     "AcrConfig",
     "AdminConfig",
     "ConfigError",
     "ListenerConfig",
     "Overlay",
     "RelayConfig",
+    "Setting",
     "format_duration",
+    "format_size",
     "load_config",
     "parse_config",
     "parse_duration",
     "parse_size",
+    "read_users_file",
 ]
 
 T = TypeVar("T")
 
 COMMAND_LINE: Final = "command line"
-
-
-class ConfigError(Exception):
-    """A configuration mistake: which source, which key, what was expected."""
-
-    def __init__(self, source: str, key: str, message: str) -> None:
-        self.source = source
-        self.key = key
-        self.message = message
-        where = f"{source}: {key}: " if key else f"{source}: "
-        super().__init__(where + message)
-
-
-# ---------------------------------------------------------------- values
-
-
-_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)")
-_DURATION_UNITS: Final = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
-_SIZE = re.compile(r"(\d+)\s*(B|KiB|MiB|GiB)?\Z")
-_SIZE_UNITS: Final = {None: 1, "B": 1, "KiB": 1 << 10, "MiB": 1 << 20, "GiB": 1 << 30}
-
-
-def parse_duration(value: object) -> float:
-    """Seconds from ``"10s"``, ``"15m"``, ``"1h30m"``, ``"250ms"`` or a number of seconds."""
-    if isinstance(value, bool):
-        raise ValueError("expected a duration, got a boolean")
-    if isinstance(value, int | float):
-        if value < 0:
-            raise ValueError(f"expected a duration of zero or more seconds, got {value}")
-        return float(value)
-    if isinstance(value, str):
-        text = value.strip().replace(" ", "")
-        pos, total = 0, 0.0
-        for m in _DURATION_PART.finditer(text):
-            if m.start() != pos:
-                break
-            total += float(m.group(1)) * _DURATION_UNITS[m.group(2)]
-            pos = m.end()
-        if text and pos == len(text):
-            return total
-    raise ValueError(f'expected a duration such as "90s", "15m" or "1h30m", got {_show(value)}')
-
-
-def format_duration(seconds: float) -> str:
-    """The inverse of :func:`parse_duration` for display: 900.0 -> "15m"."""
-    if seconds and seconds < 1:
-        return f"{seconds * 1000:g}ms"
-    out = []
-    rest = int(seconds)
-    for unit, size in (("h", 3600), ("m", 60)):
-        if rest >= size:
-            out.append(f"{rest // size}{unit}")
-            rest %= size
-    frac = seconds - int(seconds)
-    if rest or frac or not out:
-        out.append(f"{rest + frac:g}s")
-    return "".join(out)
-
-
-def parse_size(value: object) -> int:
-    """Bytes from an integer or ``"16KiB"``, ``"1MiB"``."""
-    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
-        return value
-    if isinstance(value, str):
-        m = _SIZE.match(value.strip())
-        if m:
-            return int(m.group(1)) * _SIZE_UNITS[m.group(2)]
-    raise ValueError(f'expected a size such as 16384, "16KiB" or "1MiB", got {_show(value)}')
-
-
-def _show(value: object) -> str:
-    if isinstance(value, str):
-        return f'"{value}"'
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, dict):
-        return "a table"
-    if isinstance(value, list):
-        return "an array"
-    return repr(value)
 
 
 # ---------------------------------------------------------------- the value
@@ -178,7 +107,7 @@ class AdminConfig:
     ssh: str | None = None
     #: The user name to log in as.
     ssh_user: str = "admin"
-    #: OpenSSH authorized_keys file of the keys that may log in.
+    #: OpenSSH authorized_keys file of the keys that may log in (the service parses it).
     authorized_keys: str | None = None
     #: The SSH host key, created (Ed25519, mode 0600) at first start if missing.
     host_key: str = "ssh_host_ed25519_key"
@@ -196,6 +125,41 @@ class AcrConfig:
     origin: str = ""
 
 
+_SETTING: Final = "acrrelay.setting"
+#: The access log's default target, typed as the setting is (None turns it off).
+_STDOUT: str | None = "-"
+
+
+@attrs.frozen
+class Setting:
+    """One ``[relay]`` key, as defined by its :class:`RelayConfig` field."""
+
+    name: str
+    default: Any
+    #: TOML value -> checked value; raises ValueError saying what was expected.
+    convert: Callable[[Any], Any]
+    #: A value as a person writes it: "15m", "16KiB", "no limit".
+    show: Callable[[Any], str]
+    #: False if a reload cannot apply it: it takes effect at the next start.
+    reloadable: bool = True
+
+    def of(self, config: RelayConfig) -> Any:
+        """This setting's value in ``config``."""
+        return getattr(config, self.name)
+
+
+def _setting(
+    default: T,
+    convert: Callable[[Any], T],
+    show: Callable[[T], str],
+    *,
+    reloadable: bool = True,
+) -> T:
+    """A RelayConfig field that is a ``[relay]`` key: the one place that key is defined."""
+    metadata = {_SETTING: (convert, show, reloadable)}
+    return attrs.field(default=default, metadata=metadata)
+
+
 @attrs.frozen
 class RelayConfig:
     """The whole, validated configuration. Build it with :func:`load_config`."""
@@ -210,28 +174,43 @@ class RelayConfig:
     hosts: Mapping[str, tuple[str, ...]] = attrs.field(
         factory=lambda: MappingProxyType({}), eq=False
     )
-    peek_timeout: float = 10.0
-    peek_limit: int = 16 * 1024
-    connect_timeout: float = 10.0
-    idle_timeout: float = 15 * 60.0
+    # The [relay] settings: each field below made with _setting() is one key, and the
+    # parser, check-config, reload summaries and the README's table derive from it.
+    #: How long a client may take to send its whole ClientHello or request head.
+    peek_timeout: float = _setting(10.0, v.positive_duration, format_duration)
+    #: Most bytes read before routing, record headers included.
+    peek_limit: int = _setting(16 * 1024, v.in_range(1024, 64 * 1024, parse_size), format_size)
+    #: How long a backend may take to accept.
+    connect_timeout: float = _setting(10.0, v.positive_duration, format_duration)
+    #: Close once no byte moved either way for this long.
+    idle_timeout: float = _setting(15 * 60.0, v.positive_duration, format_duration)
     #: Per-direction high-water mark: a side stops reading once this much waits to be written.
-    buffer_size: int = 64 * 1024
+    buffer_size: int = _setting(64 * 1024, v.in_range(4 * 1024, 16 << 20, parse_size), format_size)
     #: "-" for standard output, a file path, or None for no access log.
-    access_log: str | None = "-"
+    access_log: str | None = _setting(_STDOUT, v.access_log, v.show_access_log)
     #: Most connections at once; 0 derives it from the file-descriptor limit at start.
-    max_connections: int = 0
+    max_connections: int = _setting(0, v.count, v.show_count("from the file-descriptor limit"))
     #: Most connections at once from one client address; 0 for no limit.
-    max_connections_per_client: int = 0
+    max_connections_per_client: int = _setting(0, v.count, v.show_count("no limit"))
     #: On SIGTERM or drain: how long in-flight connections may go on before they are cut.
-    drain_timeout: float = 30.0
+    drain_timeout: float = _setting(30.0, parse_duration, format_duration)
     #: Move bulk transfers with splice(2) (Linux), never through Python.
-    zero_copy: bool = True
-    #: Processes serving the same listening sockets (see acrrelay.workers).
-    workers: int = 1
+    zero_copy: bool = _setting(True, v.boolean, v.show_boolean)
+    #: Processes serving the same listening sockets (see acrrelay.workers). The worker
+    #: processes start with the relay, so a reload cannot change how many there are.
+    workers: int = _setting(1, v.workers, str, reloadable=False)
     admin: AdminConfig = attrs.field(factory=lambda: AdminConfig())
 
     def route_table(self) -> RouteTable:
         return RouteTable(self.routes)
+
+
+#: Every ``[relay]`` setting, in the order of RelayConfig's fields.
+RELAY_SETTINGS: Final[tuple[Setting, ...]] = tuple(
+    Setting(field.name, field.default, *field.metadata[_SETTING])
+    for field in attrs.fields(RelayConfig)
+    if _SETTING in field.metadata
+)
 
 
 @attrs.frozen
@@ -247,19 +226,6 @@ class Overlay:
 # ---------------------------------------------------------------- reading
 
 
-_RELAY_KEYS: Final = (
-    "peek_timeout",
-    "peek_limit",
-    "connect_timeout",
-    "idle_timeout",
-    "buffer_size",
-    "access_log",
-    "max_connections",
-    "max_connections_per_client",
-    "drain_timeout",
-    "zero_copy",
-    "workers",
-)
 _ADMIN_KEYS: Final = ("ssh", "ssh_user", "authorized_keys", "host_key", "metrics")
 _LISTEN_KEYS: Final = (
     "endpoint",
@@ -272,276 +238,6 @@ _LISTEN_KEYS: Final = (
     "connect_users",
 )
 _ROUTE_KEYS: Final = ("name", "backend", "ports", "proxy_protocol", "allow_addresses")
-_BCRYPT = re.compile(rb"\$2[aby]\$\d\d\$[./A-Za-z0-9]{53}\Z")
-
-
-class _Table:
-    """Typed, tracked access to one TOML table; leftovers are unknown keys."""
-
-    def __init__(self, source: str, path: str, data: object) -> None:
-        self.source = source
-        self.path = path
-        if not isinstance(data, dict):
-            raise ConfigError(source, path, f"expected a table, got {_show(data)}")
-        self._data: dict[str, Any] = data
-        self._used: set[str] = set()
-
-    def key(self, name: str) -> str:
-        return f"{self.path}.{name}" if self.path else name
-
-    def error(self, name: str, message: str) -> ConfigError:
-        return ConfigError(self.source, self.key(name), message)
-
-    def has(self, name: str) -> bool:
-        return name in self._data
-
-    def get(self, name: str, convert: Callable[[Any], T], default: T) -> T:
-        self._used.add(name)
-        if name not in self._data:
-            return default
-        return self._convert(name, convert)
-
-    def require(self, name: str, convert: Callable[[Any], T]) -> T:
-        self._used.add(name)
-        if name not in self._data:
-            raise ConfigError(self.source, self.path, f"missing required key {name!r}")
-        return self._convert(name, convert)
-
-    def _convert(self, name: str, convert: Callable[[Any], T]) -> T:
-        try:
-            return convert(self._data[name])
-        except ValueError as e:
-            raise self.error(name, str(e)) from None
-
-    def finish(self, allowed: Iterable[str] | None = None) -> None:
-        known = set(allowed) if allowed is not None else self._used
-        for name in self._data:
-            if name not in known:
-                close = difflib.get_close_matches(name, sorted(known), n=1)
-                hint = f" (did you mean {close[0]!r}?)" if close else ""
-                expected = ", ".join(sorted(known)) or "nothing"
-                raise self.error(name, f"unknown key{hint}; expected one of: {expected}")
-
-
-def _string(value: object) -> str:
-    if not isinstance(value, str):
-        raise ValueError(f"expected a string, got {_show(value)}")
-    return value
-
-
-def _port(value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 65535:
-        raise ValueError(f"expected a port number from 1 to 65535, got {_show(value)}")
-    return value
-
-
-def _workers(value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 64:
-        raise ValueError(f"expected a number of processes from 1 to 64, got {_show(value)}")
-    return value
-
-
-def _boolean(value: object) -> bool:
-    if not isinstance(value, bool):
-        raise ValueError(f"expected true or false, got {_show(value)}")
-    return value
-
-
-def _count(value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ValueError(f"expected a whole number, 0 or more, got {_show(value)}")
-    return value
-
-
-def _list_of(convert: Callable[[object], T], example: str) -> Callable[[object], tuple[T, ...]]:
-    def check(value: object) -> tuple[T, ...]:
-        if not isinstance(value, list):
-            raise ValueError(f"expected an array such as {example}, got {_show(value)}")
-        out: list[T] = []
-        for item in value:
-            converted = convert(item)
-            if converted in out:
-                raise ValueError(f"{_show(item)} is listed twice")
-            out.append(converted)
-        return tuple(out)
-
-    return check
-
-
-def _network(value: object) -> IPNetwork:
-    if not isinstance(value, str):
-        raise ValueError(f'expected a CIDR such as "10.0.0.0/8", got {_show(value)}')
-    try:
-        return ipaddress.ip_network(value, strict=True)
-    except ValueError as e:
-        raise ValueError(
-            f'expected a CIDR such as "10.0.0.0/8", got {_show(value)} ({e})'
-        ) from None
-
-
-def _protocol(value: object) -> str:
-    if value not in PROTOCOLS:
-        raise ValueError(f"expected one of {', '.join(map(_show, PROTOCOLS))}, got {_show(value)}")
-    return str(value)
-
-
-def _proxy_version(value: object) -> str:
-    if value not in ("v1", "v2"):
-        raise ValueError(f'expected "v1" or "v2", got {_show(value)}')
-    return str(value)
-
-
-def _nonempty(convert: Callable[[object], tuple[T, ...]]) -> Callable[[object], tuple[T, ...]]:
-    def check(value: object) -> tuple[T, ...]:
-        items = convert(value)
-        if not items:
-            raise ValueError("expected at least one item")
-        return items
-
-    return check
-
-
-def read_users_file(path: str) -> dict[str, bytes]:
-    """``user:bcrypt-hash`` lines (htpasswd -B format); '#' comments and blank lines skipped."""
-    try:
-        with open(path, "rb") as f:
-            lines = f.read().splitlines()
-    except FileNotFoundError:
-        raise ValueError(f"users file {path} does not exist") from None
-    except OSError as e:
-        raise ValueError(f"cannot read users file {path}: {e.strerror or e}") from None
-    users: dict[str, bytes] = {}
-    for number, raw in enumerate(lines, 1):
-        line = raw.strip()
-        if not line or line.startswith(b"#"):
-            continue
-        user, sep, digest = line.partition(b":")
-        if not sep or not user:
-            raise ValueError(f"{path} line {number}: expected user:bcrypt-hash")
-        if not _BCRYPT.match(digest):
-            raise ValueError(
-                f"{path} line {number}: the hash is not bcrypt ($2b$...); "
-                "make one with: htpasswd -nbB USER PASSWORD"
-            )
-        name = user.decode("utf-8", "replace")
-        if name in users:
-            raise ValueError(f"{path} line {number}: user {name} is listed twice")
-        users[name] = digest
-    if not users:
-        raise ValueError(f"users file {path} lists no users")
-    return users
-
-
-def _server_endpoint(value: object) -> str:
-    text = _string(value)
-    try:
-        check_server_endpoint(text)
-    except EndpointError as e:
-        raise ValueError(f"bad server endpoint: {e}") from None
-    return text
-
-
-def _backend(value: object) -> str:
-    text = _string(value).strip()
-    if text == RESOLVE:
-        return text
-    try:
-        check_client_endpoint(text)
-    except EndpointError as e:
-        raise ValueError(
-            f'bad backend: {e}; expected a client endpoint string or "{RESOLVE}"'
-        ) from None
-    return text
-
-
-def _in_range(low: int, high: int, convert: Callable[[object], int]) -> Callable[[object], int]:
-    def check(value: object) -> int:
-        n = convert(value)
-        if not low <= n <= high:
-            raise ValueError(f"expected between {low} and {high} bytes, got {n}")
-        return n
-
-    return check
-
-
-def _positive_duration(value: object) -> float:
-    seconds = parse_duration(value)
-    if seconds <= 0:
-        raise ValueError(f"expected a duration above zero, got {_show(value)}")
-    return seconds
-
-
-def _access_log(value: object) -> str | None:
-    text = _string(value)
-    if text in ("off", ""):
-        return None
-    return text
-
-
-def _networks(value: object) -> tuple[catalogue.Network, ...]:
-    if not isinstance(value, list) or not value:
-        raise ValueError(
-            f'expected a non-empty array such as ["public", "vpc"], got {_show(value)}'
-        )
-    out: list[catalogue.Network] = []
-    for item in value:
-        network = next((n for n in catalogue.NETWORKS if n == item), None)
-        if network is None:
-            raise ValueError(f'expected "public" or "vpc", got {_show(item)}')
-        if network not in out:
-            out.append(network)
-    return tuple(out)
-
-
-def _addresses(value: object) -> tuple[str, ...]:
-    items = [value] if isinstance(value, str) else value
-    if not isinstance(items, list) or not items:
-        raise ValueError(f"expected an IP address or an array of them, got {_show(value)}")
-    out: list[str] = []
-    for item in items:
-        if not isinstance(item, str):
-            raise ValueError(f"expected an IP address, got {_show(item)}")
-        try:
-            out.append(str(ipaddress.ip_address(item)))
-        except ValueError:
-            raise ValueError(f"expected an IP address, got {_show(item)}") from None
-    return tuple(out)
-
-
-def _array_of_tables(source: str, doc: _Table, name: str) -> list[_Table]:
-    doc._used.add(name)
-    if not doc.has(name):
-        return []
-    items = doc._data[name]
-    if not isinstance(items, list):
-        raise ConfigError(
-            source, name, f"expected an array of tables ([[{name}]]), got {_show(items)}"
-        )
-    return [_Table(source, f"{name}[{i}]", item) for i, item in enumerate(items)]
-
-
-def _read_document(path: str) -> dict[str, Any]:
-    try:
-        with open(path, "rb") as f:
-            return tomllib.load(f)
-    except FileNotFoundError:
-        raise ConfigError(path, "", "no such file") from None
-    except IsADirectoryError:
-        raise ConfigError(path, "", "is a directory, not a TOML file") from None
-    except PermissionError:
-        raise ConfigError(path, "", "permission denied") from None
-    except tomllib.TOMLDecodeError as e:
-        raise ConfigError(path, "", f"not valid TOML: {e}") from None
-    except UnicodeDecodeError as e:
-        raise ConfigError(path, "", _not_utf8(e)) from None
-    except OSError as e:
-        raise ConfigError(path, "", f"cannot read: {e.strerror or e}") from None
-
-
-def _not_utf8(e: UnicodeDecodeError) -> str:
-    """Where a TOML file stops being UTF-8 (TOML files must be), by byte and line."""
-    line = e.object[: e.start].count(b"\n") + 1
-    return f"not UTF-8 at byte {e.start} (line {line}): {e.reason}; TOML files must be UTF-8"
 
 
 def load_config(path: str | None = None, overlay: Overlay | None = None) -> RelayConfig:
@@ -551,7 +247,7 @@ def load_config(path: str | None = None, overlay: Overlay | None = None) -> Rela
     """
     overlay = overlay or Overlay()
     source = path if path is not None else COMMAND_LINE
-    document = _read_document(path) if path is not None else {}
+    document = v.read_toml(path) if path is not None else {}
     return _build(source, document, overlay)
 
 
@@ -567,28 +263,16 @@ def parse_config(
 
 
 def _build(source: str, document: dict[str, Any], overlay: Overlay) -> RelayConfig:
-    doc = _Table(source, "", document)
+    doc = Table(source, "", document)
 
-    relay = _Table(source, "relay", document.get("relay", {}))
-    doc._used.add("relay")
+    relay = doc.table("relay") or Table(source, "relay", {})
     settings: dict[str, Any] = {
-        "peek_timeout": relay.get("peek_timeout", _positive_duration, 10.0),
-        "peek_limit": relay.get("peek_limit", _in_range(1024, 64 * 1024, parse_size), 16 * 1024),
-        "connect_timeout": relay.get("connect_timeout", _positive_duration, 10.0),
-        "idle_timeout": relay.get("idle_timeout", _positive_duration, 900.0),
-        "buffer_size": relay.get(
-            "buffer_size", _in_range(4 * 1024, 16 << 20, parse_size), 64 * 1024
-        ),
-        "access_log": relay.get("access_log", _access_log, _access_log("-")),
-        "max_connections": relay.get("max_connections", _count, 0),
-        "max_connections_per_client": relay.get("max_connections_per_client", _count, 0),
-        "drain_timeout": relay.get("drain_timeout", parse_duration, 30.0),
-        "zero_copy": relay.get("zero_copy", _boolean, True),
-        "workers": relay.get("workers", _workers, 1),
+        setting.name: relay.get(setting.name, setting.convert, setting.default)
+        for setting in RELAY_SETTINGS
     }
-    relay.finish(_RELAY_KEYS)
+    relay.finish(setting.name for setting in RELAY_SETTINGS)
     if overlay.access_log is not None:
-        settings["access_log"] = _access_log(overlay.access_log)
+        settings["access_log"] = v.access_log(overlay.access_log)
 
     listeners = _listeners(source, doc, overlay)
     acr = _acr_tables(source, doc, overlay)
@@ -620,7 +304,7 @@ def _build(source: str, document: dict[str, Any], overlay: Overlay) -> RelayConf
 
 def _local_by_default(value: object) -> str:
     """A server endpoint; a tcp one without an interface is bound to 127.0.0.1."""
-    text = _server_endpoint(value)
+    text = v.server_endpoint(value)
     kind, _, rest = text.partition(":")
     if kind in ("tcp", "tcp6") and "interface=" not in rest:
         loopback = "127.0.0.1" if kind == "tcp" else "\\:\\:1"
@@ -628,51 +312,45 @@ def _local_by_default(value: object) -> str:
     return text
 
 
-def _admin(source: str, doc: _Table) -> AdminConfig:
-    doc._used.add("admin")
-    if not doc.has("admin"):
+def _admin(source: str, doc: Table) -> AdminConfig:
+    table = doc.table("admin")
+    if table is None:
         return AdminConfig()
-    table = _Table(source, "admin", doc._data["admin"])
     defaults = AdminConfig()
     admin = AdminConfig(
         ssh=table.get("ssh", _local_by_default, None),
-        ssh_user=table.get("ssh_user", _string, defaults.ssh_user),
-        authorized_keys=table.get("authorized_keys", _string, None),
-        host_key=table.get("host_key", _string, defaults.host_key),
+        ssh_user=table.get("ssh_user", v.string, defaults.ssh_user),
+        authorized_keys=table.get("authorized_keys", v.readable_file("authorized keys"), None),
+        host_key=table.get("host_key", v.string, defaults.host_key),
         metrics=table.get("metrics", _local_by_default, None),
     )
     table.finish(_ADMIN_KEYS)
-    if admin.ssh is not None:
-        if admin.authorized_keys is None:
-            raise table.error("authorized_keys", "the SSH shell needs an authorized_keys file")
-        from acrrelay.admin.ssh import KeyFileError, read_authorized_keys
-
-        try:
-            read_authorized_keys(admin.authorized_keys)
-        except KeyFileError as e:
-            raise table.error("authorized_keys", str(e)) from None
+    # The keys file is only checked to be readable: parsing keys needs conch, and the
+    # service parses them at start and at reload anyway.
+    if admin.ssh is not None and admin.authorized_keys is None:
+        raise table.error("authorized_keys", "the SSH shell needs an authorized_keys file")
     return admin
 
 
-def _listeners(source: str, doc: _Table, overlay: Overlay) -> tuple[ListenerConfig, ...]:
+def _listeners(source: str, doc: Table, overlay: Overlay) -> tuple[ListenerConfig, ...]:
     out: list[ListenerConfig] = []
-    for table in _array_of_tables(source, doc, "listen"):
-        endpoint = table.require("endpoint", _server_endpoint)
+    for table in doc.tables("listen"):
+        endpoint = table.require("endpoint", v.server_endpoint)
         tls_only: tuple[str, ...] = ("tls",)
         protocols = table.get(
-            "protocols", _nonempty(_list_of(_protocol, '["tls", "http"]')), tls_only
+            "protocols", v.nonempty(v.list_of(v.protocol, '["tls", "http"]')), tls_only
         )
-        users_file = table.get("connect_users", _string, None)
+        users_file = table.get("connect_users", v.string, None)
         users = None
         if users_file is not None:
             if "connect" not in protocols:
                 raise table.error("connect_users", 'needs "connect" in protocols')
             users = table.get("connect_users", read_users_file, None)
-        networks = _list_of(_network, '["10.0.0.0/8"]')
+        networks = v.list_of(v.network, '["10.0.0.0/8"]')
         listener = ListenerConfig(
             endpoint=endpoint,
-            name=table.get("name", _string, endpoint),
-            target_port=table.get("target_port", _port, None),
+            name=table.get("name", v.string, endpoint),
+            target_port=table.get("target_port", v.port, None),
             protocols=protocols,
             allow=table.get("allow", networks, ()),
             deny=table.get("deny", networks, ()),
@@ -684,7 +362,7 @@ def _listeners(source: str, doc: _Table, overlay: Overlay) -> tuple[ListenerConf
         out.append(_unique_listener(out, listener, table.source, table.path))
     for text in overlay.listen:
         try:
-            endpoint = _server_endpoint(text)
+            endpoint = v.server_endpoint(text)
         except ValueError as e:
             raise ConfigError(COMMAND_LINE, f"--listen {text}", str(e)) from None
         listener = ListenerConfig(endpoint=endpoint, name=endpoint)
@@ -703,15 +381,15 @@ def _unique_listener(
     return new
 
 
-def _acr_tables(source: str, doc: _Table, overlay: Overlay) -> list[AcrConfig]:
+def _acr_tables(source: str, doc: Table, overlay: Overlay) -> list[AcrConfig]:
     out: list[AcrConfig] = []
     items: list[tuple[str, str, AcrConfig]] = []
-    for table in _array_of_tables(source, doc, "acr"):
-        region = table.require("region", _string)
+    for table in doc.tables("acr"):
+        region = table.require("region", v.string)
         item = AcrConfig(
             region=region,
-            networks=table.get("networks", _networks, catalogue.NETWORKS),
-            backend=table.get("backend", _backend, RESOLVE),
+            networks=table.get("networks", v.networks, catalogue.NETWORKS),
+            backend=table.get("backend", v.backend, RESOLVE),
             origin=f"acr {region}",
         )
         table.finish(("region", "networks", "backend"))
@@ -731,16 +409,16 @@ def _acr_tables(source: str, doc: _Table, overlay: Overlay) -> list[AcrConfig]:
     return out
 
 
-def _explicit_routes(source: str, doc: _Table, overlay: Overlay) -> list[tuple[str, str, Route]]:
+def _explicit_routes(source: str, doc: Table, overlay: Overlay) -> list[tuple[str, str, Route]]:
     out: list[tuple[str, str, Route]] = []
-    for i, table in enumerate(_array_of_tables(source, doc, "route")):
-        name = table.require("name", _string)
-        backend = table.require("backend", _backend)
-        ports = table.get("ports", _nonempty(_list_of(_port, "[443, 80]")), tuple(DEFAULT_PORTS))
-        proxy_protocol = table.get("proxy_protocol", _proxy_version, None)
+    for i, table in enumerate(doc.tables("route")):
+        name = table.require("name", v.string)
+        backend = table.require("backend", v.backend)
+        ports = table.get("ports", v.nonempty(v.list_of(v.port, "[443, 80]")), tuple(DEFAULT_PORTS))
+        proxy_protocol = table.get("proxy_protocol", v.proxy_version, None)
         no_networks: tuple[IPNetwork, ...] = ()
         allow_addresses = table.get(
-            "allow_addresses", _list_of(_network, '["10.0.0.0/8"]'), no_networks
+            "allow_addresses", v.list_of(v.network, '["10.0.0.0/8"]'), no_networks
         )
         table.finish(_ROUTE_KEYS)
         try:
@@ -765,7 +443,7 @@ def _explicit_routes(source: str, doc: _Table, overlay: Overlay) -> list[tuple[s
             raise ConfigError(COMMAND_LINE, key, "expected NAME=BACKEND, e.g. a.example=resolve")
         try:
             pattern = parse_pattern(name)
-            backend = _backend(backend_text)
+            backend = v.backend(backend_text)
         except ValueError as e:
             raise ConfigError(COMMAND_LINE, key, str(e)) from None
         out.append((COMMAND_LINE, key, Route(pattern, backend, "custom", key)))
@@ -796,21 +474,20 @@ def _expand(explicit: list[tuple[str, str, Route]], acr: list[AcrConfig]) -> tup
     return tuple(routes)
 
 
-def _hosts(source: str, doc: _Table) -> dict[str, tuple[str, ...]]:
-    doc._used.add("resolver")
-    if not doc.has("resolver"):
+def _hosts(source: str, doc: Table) -> dict[str, tuple[str, ...]]:
+    resolver = doc.table("resolver")
+    if resolver is None:
         return {}
-    resolver = _Table(source, "resolver", doc._data["resolver"])
     raw: object = resolver.get("hosts", lambda v: v, {})
     resolver.finish(("hosts",))
-    hosts_table = _Table(source, "resolver.hosts", raw)
+    hosts_table = Table(source, "resolver.hosts", raw)
     out: dict[str, tuple[str, ...]] = {}
-    for name in list(hosts_table._data):
+    for name in hosts_table.names():
         try:
             host = normalize_name(name)
         except InvalidName as e:
             raise hosts_table.error(name, f"not a host name: {e}") from None
         if host in out:
             raise hosts_table.error(name, f"{host} is listed twice")
-        out[host] = hosts_table.get(name, _addresses, ())
+        out[host] = hosts_table.get(name, v.addresses, ())
     return out

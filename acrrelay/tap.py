@@ -1,25 +1,27 @@
-"""twistd / twist glue: options, signals, and a service that exits cleanly when it cannot start.
+"""twistd / twist glue: the options, and ``makeService``.
 
 twist acrrelay --config etc/acrrelay.toml
 twist acrrelay --listen tcp:8443 --acr cn-beijing --route registry.example=resolve
 
-SIGHUP re-reads the configuration (the file and the same flags); SIGTERM and SIGINT
-drain for up to ``drain_timeout`` and exit 0.
+The service is a :class:`~acrrelay.service.SignalledRelayService`: SIGHUP re-reads the
+configuration (the file and the same flags); SIGTERM and SIGINT drain for up to
+``drain_timeout`` and exit 0, and a second one cuts what is left.
 """
 
 from __future__ import annotations
 
-import signal
-from typing import Any
+from collections.abc import Iterator
+from typing import cast
 
 from twisted.application.service import IService
+from twisted.internet.interfaces import IListeningPort
 from twisted.python import usage
 
 from acrrelay.config import ConfigError, Overlay, load_config
-from acrrelay.service import ListenError, RelayService
+from acrrelay.service import ProcessReactor, RelayService, SignalledRelayService
 from acrrelay.workers import WorkerPool
 
-__all__ = ["Options", "makeService"]
+__all__ = ["Options", "global_reactor", "makeService"]
 
 
 class Options(usage.Options):
@@ -72,68 +74,33 @@ class Options(usage.Options):
         )
 
 
-class _ExitingRelayService(RelayService):
-    """As run by twist(d): a start-up failure is one line on stderr and a non-zero exit,
-    and SIGHUP reloads."""
-
-    def privilegedStartService(self) -> None:
-        try:
-            super().privilegedStartService()
-        except ListenError as e:
-            raise SystemExit(f"acrrelay: {e}") from None
-
-    def startService(self) -> None:
-        try:
-            super().startService()
-        except ListenError as e:
-            raise SystemExit(f"acrrelay: {e}") from None
-        signal.signal(signal.SIGHUP, self._on_sighup)
-        # After the reactor installs its own handlers: ours drain and exit 0, where the
-        # reactor's would end the process by the signal once it stops.
-        self.reactor.callWhenRunning(self._install_stop_handlers)
-
-    def _install_stop_handlers(self) -> None:
-        signal.signal(signal.SIGTERM, self._on_stop_signal)
-        signal.signal(signal.SIGINT, self._on_stop_signal)
-
-    pool: WorkerPool | None = None
-
-    def _on_sighup(self, signum: int, frame: object) -> None:
-        # Not here, in the middle of whatever the signal interrupted: in the reactor.
-        self.reactor.callFromThread(self.reload)
-        if self.pool is not None:
-            self.reactor.callFromThread(self.pool.signal, signal.SIGHUP)
-
-    def _on_stop_signal(self, signum: int, frame: object) -> None:
-        if self.draining:
-            # A second stop signal while draining: cut what is left now.
-            self.reactor.callFromThread(self.cut_now)
-        else:
-            self.reactor.callFromThread(self.start_shutdown)
-
-    def stopService(self):  # type: ignore[no-untyped-def]
-        signal.signal(signal.SIGHUP, signal.SIG_IGN)  # a late reload must not race the drain
-        if self.pool is not None:
-            self.pool.signal(signal.SIGTERM)  # workers drain alongside, not afterwards
-        return super().stopService()
-
-
-def makeService(options: Options) -> IService:
-    from twisted.internet import reactor
-
+def makeService(options: Options, reactor: ProcessReactor | None = None) -> IService:
+    """The relay service for ``options``, on ``reactor`` (by default, the global one:
+    this and the command line are the only places that use it)."""
+    if reactor is None:
+        reactor = global_reactor()
     path, overlay = options["config"], options.overlay()
     try:
         config = load_config(path, overlay)
     except ConfigError as e:
         raise SystemExit(f"acrrelay: {e}") from None
-    service: Any = _ExitingRelayService(
+    service = SignalledRelayService(
         config, reactor, config_loader=lambda: load_config(path, overlay)
     )
     if config.workers > 1:
         pool = WorkerPool(reactor, config.workers, _Ports(service), options.as_argv())
         pool.setServiceParent(service)  # started once the listeners are bound
-        service.pool = pool
-    return service  # type: ignore[no-any-return]
+        service.forward_signal = pool.signal
+    return service
+
+
+def global_reactor() -> ProcessReactor:
+    """The installed reactor, for the entry points (twist, a worker process) only."""
+    from twisted.internet import reactor
+
+    # Twisted types it by the interfaces every reactor has; the ones Twisted installs on
+    # Linux (epoll, poll, select) also provide IReactorFromThreads and IReactorSocket.
+    return cast(ProcessReactor, reactor)
 
 
 class _Ports:
@@ -142,5 +109,5 @@ class _Ports:
     def __init__(self, service: RelayService) -> None:
         self._service = service
 
-    def __iter__(self) -> Any:
+    def __iter__(self) -> Iterator[IListeningPort]:
         return iter(self._service.ports)

@@ -13,7 +13,7 @@ them to finish draining before it exits, and restarts a worker that dies. Limits
 admin shell and the metrics page run in the main process and see its own connections
 only; each process has its own ``max_connections`` and ``max_connections_per_client``.
 
-    python -m acrrelay.workers --fds 3,4 -- [the relay's twist flags]
+Each worker is ``python -m acrrelay.worker_main`` (see :mod:`acrrelay.worker_main`).
 """
 
 from __future__ import annotations
@@ -21,23 +21,42 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import socket
 import sys
-from collections.abc import Iterable, Sequence
-from typing import Any, Final
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any, Final, Protocol
 
 from twisted.application.service import Service
 from twisted.internet import defer
 from twisted.internet.error import ProcessExitedAlready
+from twisted.internet.interfaces import IProcessTransport
 from twisted.internet.protocol import ProcessProtocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-__all__ = ["WorkerPool", "main"]
+from acrrelay.drain import Clock
+
+__all__ = ["WorkerPool"]
 
 #: The first file descriptor a worker receives listening sockets on.
 FIRST_FD: Final = 3
 RESTART_DELAY: Final = 1.0
+
+
+class PoolReactor(Clock, Protocol):
+    """What the pool uses of its reactor: processes, and time to restart them."""
+
+    def spawnProcess(
+        self,
+        processProtocol: ProcessProtocol,
+        executable: str,
+        args: Sequence[str],
+        env: Mapping[str, str] | None = None,
+        path: str | None = None,
+        uid: int | None = None,
+        gid: int | None = None,
+        usePTY: bool = False,
+        childFDs: Mapping[int, int | str] | None = None,
+    ) -> IProcessTransport: ...
 
 
 class _Worker(ProcessProtocol):
@@ -56,12 +75,18 @@ class WorkerPool(Service):
 
     _log = Logger(namespace="acrrelay.workers")
 
-    def __init__(self, reactor: Any, count: int, sockets: Iterable[Any], argv: Sequence[str]):
+    def __init__(
+        self,
+        reactor: PoolReactor,
+        count: int,
+        sockets: Iterable[Any],
+        argv: Sequence[str],
+    ) -> None:
         self.reactor = reactor
         self.count = count
-        self._sockets = sockets  # the main process's listening ports (read at start)
+        self._sockets = sockets  # the main process's listening ports, with fileno() (read at start)
         self._argv = list(argv)  # the relay's own flags, passed on to each worker
-        self._workers: dict[int, tuple[_Worker, Any]] = {}
+        self._workers: dict[int, tuple[_Worker, IProcessTransport]] = {}
         self._stopping = False
 
     def startService(self) -> None:
@@ -70,14 +95,14 @@ class WorkerPool(Service):
             self._spawn(number)
 
     def _spawn(self, number: int) -> None:
-        fds = {0: "w", 1: 1, 2: 2}
+        fds: dict[int, int | str] = {0: "w", 1: 1, 2: 2}
         inherited = []
         for offset, port in enumerate(self._sockets):
             child_fd = FIRST_FD + offset
             fds[child_fd] = port.fileno()
             inherited.append(f"{child_fd}:{_family(port)}")
         args = [
-            sys.executable, "-m", "acrrelay.workers",
+            sys.executable, "-m", "acrrelay.worker_main",
             "--worker", str(number), "--fds", ",".join(inherited), "--", *self._argv,
         ]  # fmt: skip
         worker = _Worker(self, number)
@@ -121,50 +146,3 @@ def _family(port: Any) -> str:
     host = port.getHost()
     kind = type(host).__name__
     return {"IPv4Address": "inet", "IPv6Address": "inet6", "UNIXAddress": "unix"}.get(kind, "inet")
-
-
-_FAMILIES: Final = {"inet": socket.AF_INET, "inet6": socket.AF_INET6, "unix": socket.AF_UNIX}
-
-
-def main(argv: Sequence[str] | None = None) -> None:
-    """A worker: the relay on inherited listening sockets, under its own reactor."""
-    import argparse
-
-    from twisted.internet import reactor
-    from twisted.logger import globalLogBeginner, textFileLogObserver
-
-    from acrrelay.config import ConfigError, load_config
-    from acrrelay.tap import Options, _ExitingRelayService
-
-    parser = argparse.ArgumentParser(prog="python -m acrrelay.workers")
-    parser.add_argument("--worker", type=int, required=True)
-    parser.add_argument("--fds", required=True)
-    parser.add_argument("relay", nargs=argparse.REMAINDER)
-    args = parser.parse_args(argv)
-    relay_argv = [a for a in args.relay if a != "--"]
-    options = Options()
-    options.parseOptions(relay_argv)
-    adopted = []
-    for item in args.fds.split(","):
-        fd, _, family = item.partition(":")
-        adopted.append((int(fd), _FAMILIES[family]))
-    path, overlay = options["config"], options.overlay()
-    try:
-        config = load_config(path, overlay)
-    except ConfigError as e:
-        raise SystemExit(f"acrrelay worker {args.worker}: {e}") from None
-    globalLogBeginner.beginLoggingTo([textFileLogObserver(sys.stdout)], redirectStandardIO=False)
-    service = _ExitingRelayService(
-        config,
-        reactor,
-        config_loader=lambda: load_config(path, overlay),
-        adopt=adopted,
-        worker=args.worker,
-    )
-    service.startService()
-    reactor.addSystemEventTrigger("before", "shutdown", service.stopService)
-    reactor.run()
-
-
-if __name__ == "__main__":
-    main()

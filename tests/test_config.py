@@ -11,9 +11,11 @@ import pytest
 
 from acrrelay import cli
 from acrrelay.config import (
+    RELAY_SETTINGS,
     ConfigError,
     Overlay,
     format_duration,
+    format_size,
     load_config,
     parse_config,
     parse_duration,
@@ -366,3 +368,43 @@ def test_passwd_prints_a_line_the_relay_accepts(tmp_path: Path) -> None:
     )  # fmt: skip
     assert short.returncode == 1
     assert short.stderr == "acrrelay: passwd: ci: use a password of 8 characters or more\n"
+
+
+def test_check_config_prints_every_setting() -> None:
+    """check-config shows every [relay] setting with its value, as a person would write it."""
+    toml = MINIMAL + '[relay]\nidle_timeout = "2h"\nzero_copy = false\nworkers = 3\n'
+    config = parse_config(toml)
+    printed = cli.format_config(config).split("\n\n")[1].splitlines()
+    assert printed[0] == "settings:"
+    assert [line.split(None, 1) for line in printed[1:]] == [
+        [setting.name, setting.show(setting.of(config))] for setting in RELAY_SETTINGS
+    ]
+    assert "  idle_timeout" in printed[4] and printed[4].endswith("  2h")
+    assert printed[-2:] == [
+        "  zero_copy                   false",
+        "  workers                     3",
+    ]
+
+
+def test_readme_lists_every_setting_with_its_default() -> None:
+    """The README's configuration table has one row per [relay] setting, in order, with the
+    default the parser uses."""
+    text = (REPO / "README.md").read_text()
+    section = text.split("## Configuration", 1)[1].split("\n## ", 1)[0]
+    rows = [
+        [cell.strip() for cell in line.strip("|").split("|")]
+        for line in section.splitlines()
+        if line.startswith("| `relay.")
+    ]
+    assert [(key, default.strip("`")) for key, default, _ in rows] == [
+        (f"`relay.{setting.name}`", setting.show(setting.default)) for setting in RELAY_SETTINGS
+    ]
+
+
+def test_size_round_trip() -> None:
+    """format_size shows what parse_size reads, in the largest whole unit."""
+    assert [format_size(n) for n in (16384, 1 << 20, 3 << 30, 1000, 0)] == [
+        "16KiB", "1MiB", "3GiB", "1000", "0"
+    ]  # fmt: skip
+    for size in (16384, 1 << 20, 1000, 0, 4097):
+        assert parse_size(format_size(size)) == size

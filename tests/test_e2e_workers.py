@@ -32,7 +32,7 @@ def workers_of(relay: Relay) -> list[psutil.Process]:
     return [
         p
         for p in psutil.Process(relay.pid).children()
-        if "acrrelay.workers" in " ".join(p.cmdline())
+        if "acrrelay.worker_main" in " ".join(p.cmdline())
     ]
 
 

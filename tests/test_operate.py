@@ -19,7 +19,7 @@ from twisted.internet.testing import MemoryReactorClock
 from twisted.logger import Logger, formatEvent
 from twisted.python.failure import Failure
 
-from acrrelay import make_relay_service, parse_config
+from acrrelay import ListenError, make_relay_service, parse_config
 from acrrelay.admin.shell import RelayShell, human_bytes
 from acrrelay.admin.ssh import (
     KeyFileError,
@@ -28,8 +28,9 @@ from acrrelay.admin.ssh import (
     read_authorized_keys,
     run_command,
 )
-from acrrelay.config import ConfigError, RelayConfig, load_config
-from acrrelay.service import RelayService, _adopted_family_mismatch, describe_changes
+from acrrelay.config import RELAY_SETTINGS, ConfigError, RelayConfig, Setting, load_config
+from acrrelay.listening import adopted_family_mismatch
+from acrrelay.service import RelayService, describe_changes
 from acrrelay.testing import alert_description, client_hello_bytes
 from tests.doubles import Events, PipeEnd
 
@@ -252,10 +253,43 @@ def test_a_config_file_that_is_not_utf8_is_rejected_on_reload(tmp_path: Path) ->
 
 
 def test_change_summary_names_settings() -> None:
-    """The reload summary says which settings changed."""
+    """The reload summary says which settings changed, as they are written in the file."""
     old = parse_config(BASE)
     new = parse_config(BASE.replace('drain_timeout = "20s"', 'drain_timeout = "5m"'))
-    assert "settings: drain_timeout 20.0 -> 300.0" in describe_changes(old, new)
+    assert "settings: drain_timeout 20s -> 5m" in describe_changes(old, new)
+
+
+#: For each [relay] setting, a value other than BASE's, and how the summary shows it.
+OTHER_VALUES = {
+    "peek_timeout": ('"3s"', "10s -> 3s"),
+    "peek_limit": ('"8KiB"', "16KiB -> 8KiB"),
+    "connect_timeout": ("2.5", "10s -> 2.5s"),
+    "idle_timeout": ('"1h"', "15m -> 1h"),
+    "buffer_size": ("8192", "64KiB -> 8KiB"),
+    "access_log": ('"off"', "- -> off"),
+    "max_connections": ("100", "from the file-descriptor limit -> 100"),
+    "max_connections_per_client": ("5", "no limit -> 5"),
+    "drain_timeout": ('"1m"', "20s -> 1m"),
+    "zero_copy": ("false", "true -> false"),
+    "workers": ("2", "1 -> 2 (at restart)"),
+}
+
+
+def test_every_setting_has_a_reload_case() -> None:
+    """A new [relay] setting cannot be left out of the reload test below."""
+    assert sorted(OTHER_VALUES) == sorted(setting.name for setting in RELAY_SETTINGS)
+
+
+@pytest.mark.parametrize("setting", RELAY_SETTINGS, ids=lambda setting: setting.name)
+def test_a_reload_reports_each_setting_it_changes(setting: Setting) -> None:
+    """A reload that changes any one [relay] setting names it in its summary, old -> new."""
+    value, shown = OTHER_VALUES[setting.name]
+    r = Running()
+    lines = [line for line in BASE.splitlines() if not line.startswith(f"{setting.name} =")]
+    toml = "\n".join(lines).replace("[relay]\n", f"[relay]\n{setting.name} = {value}\n")
+    summary = r.reload_with(toml)
+    assert summary.endswith(f"; settings: {setting.name} {shown}")
+    assert setting.of(r.service.config) != setting.of(parse_config(BASE))
 
 
 class Adopted:
@@ -272,18 +306,18 @@ def test_an_inherited_socket_of_another_family_is_named_with_the_fix() -> None:
         socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as v6,
         socket.socket(socket.AF_INET, socket.SOCK_STREAM) as v4,
     ):
-        assert _adopted_family_mismatch("systemd:domain=INET:index=0", Adopted(v6)) == (
+        assert adopted_family_mismatch("systemd:domain=INET:index=0", Adopted(v6)) == (
             "the socket systemd passed is INET6, not INET, and Twisted reads client addresses "
             "by domain=: write domain=INET6, or ListenStream=0.0.0.0:PORT in the .socket unit "
             "for an IPv4 socket"
         )
-        assert _adopted_family_mismatch("systemd:domain=INET6:index=1", Adopted(v4)) == (
+        assert adopted_family_mismatch("systemd:domain=INET6:index=1", Adopted(v4)) == (
             "the socket systemd passed is INET, not INET6, and Twisted reads client addresses "
             "by domain=: write domain=INET"
         )
-        assert _adopted_family_mismatch("systemd:domain=INET6:index=0", Adopted(v6)) is None
-        assert _adopted_family_mismatch("systemd:index=0:domain=INET", Adopted(v4)) is None
-        assert _adopted_family_mismatch("tcp:0", Adopted(v6)) is None
+        assert adopted_family_mismatch("systemd:domain=INET6:index=0", Adopted(v6)) is None
+        assert adopted_family_mismatch("systemd:index=0:domain=INET", Adopted(v4)) is None
+        assert adopted_family_mismatch("tcp:0", Adopted(v6)) is None
 
 
 # -- drain
@@ -328,7 +362,7 @@ def test_drain_cuts_what_is_left_at_the_deadline() -> None:
 def test_drain_reports_name_what_remains() -> None:
     """Every 10 s a drain logs what it still waits for: the first 10 connections by id,
     client -> target, bytes each way and age, then how many more."""
-    r = Running()
+    r = Running(BASE.replace('drain_timeout = "20s"', 'drain_timeout = "1m"'))
     pairs = []
     for n in range(12):
         client, _ = r.connect(A, peer=("192.0.2.7", 40000 + n))
@@ -342,32 +376,71 @@ def test_drain_reports_name_what_remains() -> None:
     def reports() -> list[str]:
         return [line for line in r.log_lines() if line.startswith("draining: ")]
 
-    for _ in range(99):
-        r.reactor.advance(0.1)
+    r.reactor.advance(9.9)
     assert reports() == []
-    r.reactor.advance(0.2)
+    r.reactor.advance(0.1)
     [report] = reports()
     shown = [
         f"{c.session.id} 192.0.2.7:{40000 + n} -> {A}:443 ({hello} up, {1000 + n} down, 13s)"
         for n, (c, _) in enumerate(pairs[:10])
     ]
-    head, _, named = report.partition(" to go: ")
-    assert head in ("draining: 12 connections left, 10s", "draining: 12 connections left, 9.9s")
-    assert named == "; ".join(shown) + " and 2 more"
+    assert report == (
+        "draining: 12 connections left, 50s to go: " + "; ".join(shown) + " and 2 more"
+    )
     # Ten seconds on, with two finished: the report names the ten left, and no "more".
     for client, backend in pairs[:2]:
         close_pair(client, backend)
-    for _ in range(101):
-        r.reactor.advance(0.1)
+    r.reactor.advance(10)
     _, latest = reports()
     shown = [
         f"{c.session.id} 192.0.2.7:{40000 + n} -> {A}:443 ({hello} up, {1000 + n} down, 23s)"
         for n, (c, _) in enumerate(pairs)
         if n >= 2
     ]
-    head, _, named = latest.partition(" to go: ")
-    assert head.startswith("draining: 10 connections left, ")
-    assert named == "; ".join(shown)
+    assert latest == "draining: 10 connections left, 40s to go: " + "; ".join(shown)
+
+
+def test_drain_ends_when_the_last_connection_closes_and_stops_reporting() -> None:
+    """A drain fires on the turn after the connection table empties (no polling): no timer
+    is left behind, and the drain logs that every connection finished."""
+    r = Running()
+    client, _ = r.connect(A)
+    backend, _ = r.splice(client)
+    fired: list[object] = []
+    r.service.stopService().addBoth(fired.append)
+    r.reactor.advance(12)
+    assert not fired and len(r.reactor.getDelayedCalls()) > 0
+    close_pair(client, backend)
+    r.reactor.advance(0)  # the turn after, once the last connection wrote its access record
+    assert fired == [None]
+    assert r.reactor.getDelayedCalls() == []
+    assert r.events[-1]["close_reason"] == "done"
+    assert "drained: every connection finished" in r.log_lines()
+    assert [line for line in r.log_lines() if line.startswith("draining: ")] == [
+        f"draining: 1 connections left, 8s to go: {client.id} 192.0.2.7:40000 -> {A}:443 "
+        f"({len(client_hello_bytes(A))} up, 0 down, 12s)"
+    ]
+
+
+def test_a_second_stop_cuts_every_connection_now() -> None:
+    """cut_now (a second SIGTERM while draining) cuts every connection at once, logging
+    each with its bytes, and the drain then ends."""
+    r = Running()
+    client, client_end = r.connect(A)
+    backend, backend_end = r.splice(client)
+    fired: list[object] = []
+    r.service.stopService().addBoth(fired.append)
+    r.service.cut_now()
+    assert client_end.disconnected and backend_end.disconnected
+    hello = len(client_hello_bytes(A))
+    assert (
+        f"cutting now: {client.id} 192.0.2.7:40000 -> {A}:443 ({hello} up, 0 down, splicing)"
+        in r.log_lines()
+    )
+    client.connectionLost(Failure(ConnectionLost()))
+    backend.connectionLost(Failure(ConnectionLost()))
+    r.reactor.advance(0)
+    assert fired == [None]
 
 
 def test_start_shutdown_drains_with_its_own_deadline() -> None:
@@ -537,9 +610,16 @@ def test_run_command_gives_output_and_status() -> None:
 
 
 def test_admin_config(tmp_path: Path) -> None:
-    """The SSH shell needs authorized keys, and binds 127.0.0.1 unless told otherwise."""
+    """The SSH shell needs an authorized_keys file that exists, and binds 127.0.0.1 unless
+    told otherwise."""
     with pytest.raises(ConfigError, match=r"admin\.authorized_keys: the SSH shell needs"):
         parse_config(BASE + '[admin]\nssh = "tcp:2222"\n')
+    missing = tmp_path / "nobody"
+    with pytest.raises(ConfigError) as info:
+        parse_config(BASE + f'[admin]\nssh = "tcp:2222"\nauthorized_keys = "{missing}"\n')
+    assert str(info.value) == (
+        f"<string>: admin.authorized_keys: authorized keys {missing} does not exist"
+    )
     path = tmp_path / "authorized_keys"
     path.write_text(host_key(str(tmp_path / "k")).public().toString("OPENSSH").decode() + "\n")
     config = parse_config(
@@ -547,3 +627,48 @@ def test_admin_config(tmp_path: Path) -> None:
     )
     assert config.admin.ssh == "tcp:2222:interface=127.0.0.1"
     assert config.admin.metrics == "tcp6:9180:interface=\\:\\:1"
+
+
+def test_unusable_authorized_keys_fail_start_with_one_line(tmp_path: Path) -> None:
+    """The service parses the authorized_keys file when it binds the shell: a file without
+    a key fails the start with one line naming the file and line, and nothing stays bound."""
+    keys_file = tmp_path / "authorized_keys"
+    keys_file.write_text("# admins\nnot a key\n")
+    toml = BASE + (
+        f'[admin]\nssh = "tcp:2222"\nauthorized_keys = "{keys_file}"\n'
+        f'host_key = "{tmp_path / "host_key"}"\n'
+    )
+    reactor = Reactor()
+    service = make_relay_service(parse_config(toml), reactor)
+    with pytest.raises(ListenError) as info:
+        service.startService()
+    assert str(info.value) == (
+        f"cannot start the SSH shell: {keys_file} line 2: no public key found"
+    )
+    assert [(port.port, port.stopped) for port in reactor.ports] == [(8443, True)]
+
+
+def test_a_reload_rereads_authorized_keys_and_refuses_unusable_ones(tmp_path: Path) -> None:
+    """A reload parses authorized_keys again: new keys reach new logins; a file without a
+    key rejects the reload naming the file and line, and the old keys stay."""
+    keys_file = tmp_path / "authorized_keys"
+    first = host_key(str(tmp_path / "one")).public().toString("OPENSSH").decode()
+    second = host_key(str(tmp_path / "two")).public().toString("OPENSSH").decode()
+    keys_file.write_text(first + "\n")
+    toml = BASE + (
+        f'[admin]\nssh = "tcp:2222"\nauthorized_keys = "{keys_file}"\n'
+        f'host_key = "{tmp_path / "host_key"}"\n'
+    )
+    r = Running(toml)
+    [ssh_factory] = [f for port, f, _, _ in r.reactor.tcpServers if port == 2222]
+    portal = ssh_factory.portal
+    keys_file.write_text("junk\n")
+    summary = r.service.reload()
+    assert summary == (
+        "reload rejected, the previous configuration stays: "
+        f"relay.toml: admin.authorized_keys: {keys_file} line 1: no public key found"
+    )
+    assert ssh_factory.portal is portal
+    keys_file.write_text(second + "\n")
+    assert r.service.reload().startswith("reloaded relay.toml: ")
+    assert ssh_factory.portal is not portal

@@ -6,6 +6,7 @@ import ipaddress
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 from twisted.application.service import IServiceMaker
@@ -16,10 +17,14 @@ from twisted.plugin import getPlugins
 from twisted.python.failure import Failure
 
 from acrrelay import ListenError, RelayFactory, make_relay_service, parse_config
+from acrrelay.limits import local_addresses
+from acrrelay.listening import ListeningService
 from acrrelay.routing import Route, parse_pattern
-from acrrelay.service import local_addresses
+from acrrelay.service import SignalledRelayService
 from acrrelay.tap import Options, makeService
 from tests.doubles import Events, PipeEnd
+
+REPO = Path(__file__).resolve().parent.parent
 
 CONFIG = """
 [[listen]]
@@ -68,6 +73,29 @@ def test_pure_core_imports_no_reactor(module: str, forbid: str) -> None:
         f"import sys, {module}\n"
         f"bad = [m for m in sys.modules if m == {forbid!r} or m.startswith({forbid!r} + '.')]\n"
         "assert not bad, bad\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
+def test_config_with_an_admin_shell_needs_neither_conch_nor_a_reactor(tmp_path: Path) -> None:
+    """Loading a configuration with an SSH shell checks the keys file is there without
+    importing conch (the service parses the keys) or a reactor."""
+    keys = tmp_path / "authorized_keys"
+    keys.write_text("not parsed here\n")
+    toml = tmp_path / "relay.toml"
+    toml.write_text(
+        CONFIG + f'[admin]\nssh = "tcp:2222"\nauthorized_keys = "{keys}"\nmetrics = "tcp:9180"\n'
+    )
+    code = textwrap.dedent(
+        f"""
+        import sys
+        from acrrelay.config import load_config
+        config = load_config({str(toml)!r})
+        assert config.admin.authorized_keys == {str(keys)!r}
+        forbidden = ("twisted.conch", "twisted.internet.reactor")
+        bad = [m for m in sys.modules if m.startswith(forbidden)]
+        assert not bad, bad
+        """
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
 
@@ -147,12 +175,10 @@ def test_a_port_that_cannot_bind_fails_start() -> None:
 
 def test_tap_service_exits_cleanly_when_a_port_cannot_bind() -> None:
     """Under twist, the bind failure becomes SystemExit with one line, not a traceback."""
-    from acrrelay.tap import _ExitingRelayService
-
     reactor = RaisingMemoryReactor(
         listenException=CannotListenError("", 9443, OSError(13, "Permission denied"))
     )
-    service = _ExitingRelayService(parse_config(CONFIG), reactor)
+    service = SignalledRelayService(parse_config(CONFIG), reactor)
     with pytest.raises(SystemExit) as info:
         service.startService()
     assert (
@@ -244,3 +270,43 @@ def test_a_wildcard_listener_is_the_relay_on_every_interface() -> None:
     for address in interfaces:
         assert guard.refuse(route, str(address), 18080) == "the relay itself", address
         assert guard.refuse(route, str(address), 18082) is None, address
+
+
+def test_make_service_uses_the_reactor_it_is_given() -> None:
+    """makeService(options, reactor) builds the signalled service on that reactor, its
+    worker pool too, and never imports the global reactor."""
+    code = textwrap.dedent(
+        """
+        import sys
+        from twisted.internet.testing import MemoryReactorClock
+        from acrrelay.service import SignalledRelayService
+        from acrrelay.tap import Options, makeService
+        from acrrelay.workers import WorkerPool
+
+        reactor = MemoryReactorClock()
+        options = Options()
+        options.parseOptions(["--config", "etc/acrrelay.toml"])
+        service = makeService(options, reactor)
+        assert isinstance(service, SignalledRelayService) and service.reactor is reactor
+        assert service.relay.reactor is reactor
+        assert not [child for child in service if isinstance(child, WorkerPool)]
+        assert "twisted.internet.reactor" not in sys.modules, "the global reactor was imported"
+        """
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60, cwd=REPO)
+
+
+def test_listeners_and_admin_endpoints_are_child_services(tmp_path: Path) -> None:
+    """Each listener and the metrics page is a child service holding its own port: stopping
+    the metrics child alone stops only its port."""
+    reactor = MemoryReactorClock()
+    config = parse_config(CONFIG + '[admin]\nmetrics = "tcp:9180"\n')
+    service = make_relay_service(config, reactor)
+    service.startService()
+    children = [child for child in service if isinstance(child, ListeningService)]
+    assert len(children) == 3
+    assert [child.port for child in children[:2]] == service.ports
+    metrics = children[2]
+    assert metrics.port is not None and metrics.port.getHost().port == 9180
+    metrics.stopService()
+    assert metrics.port is None and len(service.ports) == 2
