@@ -408,3 +408,14 @@ def test_size_round_trip() -> None:
     ]  # fmt: skip
     for size in (16384, 1 << 20, 1000, 0, 4097):
         assert parse_size(format_size(size)) == size
+
+
+def test_example_config_shows_every_setting_at_its_default() -> None:
+    """etc/acrrelay.toml's [relay] table sets every setting, in order, to its default, so
+    the documented example cannot fall behind the definition."""
+    import tomllib
+
+    relay = tomllib.loads((REPO / "etc" / "acrrelay.toml").read_text())["relay"]
+    assert list(relay) == [setting.name for setting in RELAY_SETTINGS]
+    for setting in RELAY_SETTINGS:
+        assert setting.convert(relay[setting.name]) == setting.default, setting.name

@@ -882,6 +882,39 @@ def test_sigterm_cuts_what_outlasts_a_short_drain_timeout_then_exits_0(
     assert status == 0, f"exit status {status} after SIGTERM\n{relay.output.text()}"
 
 
+#: A connection cut by a second stop signal while draining (see drain.cut_all).
+CUTTING_NOW = re.compile(r"cutting now: (\d+) (\S+) -> (\S+) \(")
+
+
+def test_a_second_sigterm_while_draining_cuts_at_once_then_exits_0(
+    test_ca: TestCA,
+    backend: BackendServer,
+    start_relay: Callable[..., Relay],
+) -> None:
+    """With a long drain_timeout, a second SIGTERM during the drain cuts the stalled
+    transfer at once (logged by id and client, recorded as drained), and the relay exits 0
+    long before the deadline."""
+    relay = start_relay(_routes(backend), drain_timeout="10m")
+    with _gated(relay, test_ca, BUCKET, 256 * MiB, 257, [1 * MiB], rcvbuf=64 * 1024) as download:
+        download.wait_stop(0)
+        relay.proc.send_signal(signal.SIGTERM)
+        relay.output.wait_for(DRAINING, timeout=10)
+        assert relay.alive() and not CUTTING_NOW.search(relay.output.text())
+        sent = time.monotonic()
+        relay.proc.send_signal(signal.SIGTERM)
+        cut = relay.output.wait_for(CUTTING_NOW, timeout=10)
+        status = relay.wait_exit(timeout=15)
+        exited_after = time.monotonic() - sent
+        download.finish(timeout=20)
+    print(f"\nsecond SIGTERM: {cut.group(0)} exit {status} {exited_after:.2f} s after it")
+    assert cut.group(2) == _address(download.local) and cut.group(3) == f"{BUCKET}:443", cut
+    _assert_cut(download)
+    entry = relay.access_for(download.local)
+    assert entry["close_reason"] == "drained" and entry["id"] == int(cut.group(1)), str(entry)
+    _assert_no_traceback(relay)
+    assert status == 0, f"exit status {status} after two SIGTERMs\n{relay.output.text()}"
+
+
 def _assert_no_traceback(relay: Relay) -> None:
     output = relay.output.text()
     assert "Traceback" not in output and "Unhandled Error" not in output, output
