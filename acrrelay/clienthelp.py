@@ -18,6 +18,7 @@ from collections.abc import Iterable, Sequence
 
 import attrs
 
+from acrrelay.addresses import host_port
 from acrrelay.catalogue import Network, acr_entries
 
 __all__ = [
@@ -95,9 +96,8 @@ def hosts_lines(relay: str, names: ClientNames) -> str:
 
 
 def _proxy_url(relay: str, port: int, user: str | None) -> str:
-    host = f"[{relay}]" if ":" in relay else relay
     credentials = f"{user}:<password>@" if user else ""
-    return f"http://{credentials}{host}:{port}"
+    return f"http://{credentials}{host_port(relay, port)}"
 
 
 def _systemd_drop_in(service: str, url: str) -> str:

@@ -59,9 +59,10 @@ from typing import TYPE_CHECKING, Any, Final, Protocol
 from automat import TypeMachine, TypeMachineBuilder
 from automat._core import Automaton
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IAddress, IPushProducer, ITCPTransport
+from twisted.internet.interfaces import IPushProducer, ITCPTransport
 from twisted.python.failure import Failure
 
+from acrrelay.addresses import describe_address, host_port, unmapped_host
 from acrrelay.doors import Refused
 from acrrelay.proxyproto import ProxyHeader
 from acrrelay.routing import Route
@@ -304,25 +305,6 @@ def diagram() -> str:
 _ORDER: Final = {state: i for i, state in enumerate(COARSE)}
 
 
-def describe(address: IAddress | None) -> str:
-    """``host:port`` (``[v6]:port``) for IP addresses, the path for UNIX ones."""
-    host = getattr(address, "host", None)
-    port = getattr(address, "port", None)
-    if host is not None and port is not None:
-        return host_port(unmapped(host), port)
-    name = getattr(address, "name", None)
-    if name is not None:
-        return name.decode("utf-8", "replace") if isinstance(name, bytes) else str(name)
-    return str(address) if address is not None else "-"
-
-
-def unmapped(host: str) -> str:
-    """An IPv4 client on a dual-stack socket (``::ffff:192.0.2.1``) as the IPv4 address it is."""
-    if host.startswith("::ffff:") and "." in host:
-        return host[7:]
-    return host
-
-
-def host_port(host: str, port: int) -> str:
-    """``host:port``, with an IPv6 address in brackets."""
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+#: Address text for logs and views: one helper each, in :mod:`acrrelay.addresses`.
+describe = describe_address
+unmapped = unmapped_host

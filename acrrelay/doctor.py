@@ -40,6 +40,7 @@ from typing import IO, Any, Protocol
 import attrs
 
 from acrrelay import reasons
+from acrrelay.addresses import host_port
 
 __all__ = [
     "Doctor",
@@ -755,8 +756,7 @@ def _oss_endpoint_of(host: str | None) -> str | None:
     return rest if rest.startswith("oss-") else None
 
 
-def _hp(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+_hp = host_port
 
 
 def _snippet(body: bytes) -> str:

@@ -77,29 +77,24 @@ class LiveConnection:
 
 
 def live_connections(relay: Relay) -> list[LiveConnection]:
-    """The relay's open connections, oldest id first."""
-    found = []
-    for connection in relay.connections.values():
-        pump, target = connection.pump, connection.target
-        found.append(
-            LiveConnection(
-                id=connection.id,
-                client=connection.client,
-                target=f"{target[0]}:{target[1]}" if target else "-",
-                state=connection.state.value,
-                started=connection.started,
-                bytes_up=pump.bytes_up if pump else 0,
-                bytes_down=pump.bytes_down if pump else 0,
-            )
+    """The relay's open connections, oldest id first, from its connection views."""
+    return [
+        LiveConnection(
+            id=view.id,
+            client=view.client,
+            target=view.target_text,
+            state=view.state.value,
+            started=view.started,
+            bytes_up=view.bytes_up,
+            bytes_down=view.bytes_down,
         )
-    return sorted(found, key=lambda connection: connection.id)
+        for view in relay.views()
+    ]
 
 
 def cut(relay: Relay, connection_id: int, reason: str) -> None:
     """Close one connection at once, both sides."""
-    connection = relay.connections.get(connection_id)
-    if connection is not None:
-        connection.kill(reason)
+    relay.kill(connection_id, reason)
 
 
 def describe_remaining(

@@ -32,6 +32,7 @@ from zope.interface import Interface, implementer
 
 from acrrelay import reasons
 from acrrelay.accesslog import AccessLog, AccessRecord
+from acrrelay.addresses import host_port
 from acrrelay.auth import BasicAuth, Runner
 from acrrelay.backends import BackendConnector
 from acrrelay.config import ListenerConfig, RelayConfig
@@ -128,7 +129,7 @@ class ConnectionView:
 
     @property
     def target_text(self) -> str:
-        return f"{self.target[0]}:{self.target[1]}" if self.target else "-"
+        return host_port(*self.target) if self.target else "-"
 
 
 class IRelay(Interface):

@@ -32,13 +32,14 @@ from twisted.internet import defer
 from twisted.internet.interfaces import IListeningPort, IProtocolFactory
 from twisted.logger import Logger
 
+from acrrelay.addresses import describe_address as describe
 from acrrelay.admin.shell import namespace
 from acrrelay.config import RELAY_SETTINGS, ConfigError, ListenerConfig, RelayConfig
 from acrrelay.drain import Clock, Drain, cut_all
 from acrrelay.limits import connections_for, local_addresses, own_endpoints, raise_fd_limit
 from acrrelay.listening import ListenError, ListeningService, listen_now
 from acrrelay.metrics import metrics_site
-from acrrelay.peek import RelayFactory, describe
+from acrrelay.peek import RelayFactory
 from acrrelay.relay import AccessObserver, Relay
 from acrrelay.workers import PoolReactor
 

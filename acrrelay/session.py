@@ -26,6 +26,7 @@ from acrrelay.httphead import HttpRequest
 from acrrelay.proxyproto import ProxyHeader, encode_v1, encode_v2
 from acrrelay.routing import Door, Refusal, Route, normalize_name
 from acrrelay.splice import BackendProtocol, Pump, PumpResult
+from acrrelay.transports import tcp_transport
 
 if TYPE_CHECKING:
     from acrrelay.config import ListenerConfig
@@ -267,7 +268,7 @@ class Session:
         config = self.config
         pump = self.pump = Pump(
             self.relay.reactor,
-            self.transport,
+            tcp_transport(self.transport),
             idle_timeout=config.idle_timeout,
             buffer_size=config.buffer_size,
             on_done=inputs.spliced,
@@ -285,7 +286,7 @@ class Session:
         self.buffer = bytearray()
         if not self.door.follows:
             self.sink = pump.client_data
-        pump.start(transport, replay)
+        pump.start(tcp_transport(transport), replay)
 
     def splice_after_eof(self, inputs: Inputs, backend: BackendProtocol) -> None:
         self.splice(inputs, backend)

@@ -417,7 +417,7 @@ def test_drain_ends_when_the_last_connection_closes_and_stops_reporting() -> Non
     assert r.events[-1]["close_reason"] == "done"
     assert "drained: every connection finished" in r.log_lines()
     assert [line for line in r.log_lines() if line.startswith("draining: ")] == [
-        f"draining: 1 connections left, 8s to go: {client.id} 192.0.2.7:40000 -> {A}:443 "
+        f"draining: 1 connections left, 8s to go: {client.session.id} 192.0.2.7:40000 -> {A}:443 "
         f"({len(client_hello_bytes(A))} up, 0 down, 12s)"
     ]
 
@@ -434,7 +434,7 @@ def test_a_second_stop_cuts_every_connection_now() -> None:
     assert client_end.disconnected and backend_end.disconnected
     hello = len(client_hello_bytes(A))
     assert (
-        f"cutting now: {client.id} 192.0.2.7:40000 -> {A}:443 ({hello} up, 0 down, splicing)"
+        f"cutting now: {client.session.id} 192.0.2.7:40000 -> {A}:443 ({hello} up, 0 down, splicing)"
         in r.log_lines()
     )
     client.connectionLost(Failure(ConnectionLost()))
