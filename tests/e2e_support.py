@@ -66,13 +66,24 @@ PROXIED_V2 = "proxied-v2.e2e.test"
 FRONTDOOR_NAMES = (REGISTRY, DOCKERAUTH, WILD_NAME, OPEN_LOOPBACK, PROXIED_V1, PROXIED_V2)
 
 MiB = 1 << 20
-STARTUP_TIMEOUT = 10.0
+#: How long a process may take to say it is ready. Each wait ends at the line, so this
+#: costs nothing when all is well; on a busy 2-core machine, ``twist acrrelay`` alone has
+#: taken over 10 s to print its first line (issue 12's load runs).
+STARTUP_TIMEOUT = 60.0
 LISTENING = re.compile(r"listening on 127\.0\.0\.1:(\d+) \(")
 #: Any IPv4 address: a listener may be on a network namespace's veth (registry_world.py).
 LISTENING_NAMED = re.compile(r"listening on (?:\d{1,3}(?:\.\d{1,3}){3}):(\d+) \((.*?)\) with ")
-#: What the backend prints for each accepted connection and each request head it reads.
-BACKEND_ACCEPT = re.compile(r"^ACCEPT (\S+)$")
-BACKEND_REQUEST = re.compile(r"^REQUEST (\S+) (tls|plain) (\S*) (\S*) (.*)$")
+#: What the backend prints for each accepted connection, each request head it reads and
+#: each connection it has closed (name, then the connecting side's ip:port).
+BACKEND_ACCEPT = re.compile(r"^ACCEPT (\S+) (\S+)$")
+BACKEND_REQUEST = re.compile(r"^REQUEST (\S+) (\S+) (tls|plain) (\S*) (\S*) (.*)$")
+BACKEND_CLOSED = re.compile(r"^CLOSED (\S+) (\S+)$")
+#: The source address of :meth:`BackendServer.sync`'s barrier connections (Linux answers
+#: on all of 127.0.0.0/8); nothing else connects to a backend from it, so its accepts are
+#: told apart from the relay's by address alone, whatever ports the kernel reuses.
+SYNC_SOURCE = "127.0.0.86"
+#: How long a test waits for an event a backend reports: generous, as the machine is shared.
+EVENT_TIMEOUT = 30.0
 #: The relay's start-up lines for its admin listeners, and its reload outcomes.
 ADMIN_SHELL = re.compile(r"admin shell on 127\.0\.0\.1:(\d+): ")
 METRICS_PAGE = re.compile(r"metrics on http://127\.0\.0\.1:(\d+)/metrics")
@@ -265,10 +276,16 @@ class TestCA:
 
 
 class _Output:
-    """Drains a process's stdout on a thread (so the pipe never fills) and keeps the lines."""
+    """Drains a process's stdout on a thread (so the pipe never fills) and keeps the lines.
+
+    ``lines`` lags what the process has written by however long this thread waits for a
+    CPU: a test that needs a line waits for it (:meth:`wait_line`), never reads a count
+    off ``lines`` right after the event it is about."""
 
     def __init__(self, proc: subprocess.Popen[str]) -> None:
         self.lines: list[str] = []
+        self._changed = threading.Condition()
+        self._ended = False
         self._queue: queue.Queue[str | None] = queue.Queue()
         self._thread = threading.Thread(target=self._drain, args=(proc,), daemon=True)
         self._thread.start()
@@ -276,9 +293,36 @@ class _Output:
     def _drain(self, proc: subprocess.Popen[str]) -> None:
         assert proc.stdout is not None
         for line in proc.stdout:
-            self.lines.append(line.rstrip("\n"))
+            with self._changed:
+                self.lines.append(line.rstrip("\n"))
+                self._changed.notify_all()
             self._queue.put(line)
+        with self._changed:
+            self._ended = True
+            self._changed.notify_all()
         self._queue.put(None)
+
+    def wait_line(
+        self, predicate: Callable[[str], object], start: int = 0, timeout: float = EVENT_TIMEOUT
+    ) -> int:
+        """The index of the first line at or after ``start`` that ``predicate`` accepts,
+        waiting for it if need be; fail after ``timeout`` or at the end of the output."""
+        deadline = time.monotonic() + timeout
+        index = start
+        with self._changed:
+            while True:
+                while index < len(self.lines):
+                    if predicate(self.lines[index]):
+                        return index
+                    index += 1
+                remaining = deadline - time.monotonic()
+                if self._ended or remaining <= 0:
+                    break
+                self._changed.wait(remaining)
+        raise AssertionError(
+            f"no such line (from line {start}) within {timeout}s"
+            f"{' before the output ended' if self._ended else ''}; output:\n" + self.text()
+        )
 
     def wait_for(self, pattern: re.Pattern[str], timeout: float) -> re.Match[str]:
         """The first line (from now on) matching ``pattern``; fail after ``timeout``."""
@@ -334,30 +378,111 @@ class BackendServer:
         """The relay's endpoint string for ``name``'s backend."""
         return f"tcp:host=127.0.0.1:port={self.ports[name]}"
 
-    def accepted(self, name: str | None = None) -> int:
-        """Connections accepted so far (by ``name``'s port, or by any port)."""
-        count = 0
-        for line in list(self.output.lines):
+    def sync(self, timeout: float = EVENT_TIMEOUT) -> int:
+        """Wait until every connection to any of the backend's ports that was established
+        before this call, and every line the backend printed before it, is in the output;
+        return how many lines there were then.
+
+        A barrier per port: connect from :data:`SYNC_SOURCE` and wait for the backend's
+        ``ACCEPT`` of exactly that connection. One thread per port accepts in the kernel's
+        queue order and reports each accept before taking the next (and stdout is one
+        ordered pipe), so every connection queued ahead of the barrier was reported
+        before it. This is what makes :meth:`accepted` and :meth:`requests` exact right
+        after the event they count, however late the output's reader thread runs."""
+        start = len(self.output.lines)
+        barriers: list[socket.socket] = []
+        try:
+            wanted = []
+            for name, port in self.ports.items():
+                sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+                barriers.append(sock)
+                sock.settimeout(timeout)
+                sock.bind((SYNC_SOURCE, 0))
+                sock.connect(("127.0.0.1", port))
+                host, source_port = sock.getsockname()[:2]
+                wanted.append(f"ACCEPT {name} {host}:{source_port}")
+            last = start
+            for line in wanted:
+                last = max(last, self.output.wait_line(line.__eq__, start, timeout))
+        finally:
+            for sock in barriers:
+                sock.close()
+        return last + 1
+
+    def accept_counts(self) -> dict[str, int]:
+        """Connections accepted so far by each name's port (barriers left out), exact as of
+        this call (see :meth:`sync`)."""
+        end = self.sync()
+        counts = dict.fromkeys(self.ports, 0)
+        for line in self.output.lines[:end]:
             m = BACKEND_ACCEPT.match(line)
-            if m and (name is None or m.group(1) == name):
-                count += 1
-        return count
+            if m and not m.group(2).startswith(SYNC_SOURCE + ":"):
+                counts[m.group(1)] += 1
+        return counts
+
+    def accepted(self, name: str | None = None) -> int:
+        """Connections accepted so far (by ``name``'s port, or by any port), exact as of
+        this call (see :meth:`sync`)."""
+        counts = self.accept_counts()
+        return sum(counts.values()) if name is None else counts[name]
 
     def requests(self) -> list[tuple[str, str, str, str, str]]:
-        """Every request head read so far: (name, tls|plain, method, target, host)."""
+        """Every request head read so far: (name, tls|plain, method, target, host); every
+        one whose answer a client has already had is there (see :meth:`sync`)."""
+        end = self.sync()
+        return [_without_peer(r) for r in self._requests(self.output.lines[:end])]
+
+    @staticmethod
+    def _requests(lines: list[str]) -> list[tuple[str, str, str, str, str, str]]:
+        """(name, peer, tls|plain, method, target, host) of each REQUEST line."""
         out = []
-        for line in list(self.output.lines):
+        for line in lines:
             m = BACKEND_REQUEST.match(line)
             if m:
-                name, kind, method, target, host = m.groups()
-                out.append((name, kind, method, target, host))
+                name, peer, kind, method, target, host = m.groups()
+                out.append((name, peer, kind, method, target, host))
         return out
+
+    def wait_request(self, marker: str, timeout: float = EVENT_TIMEOUT) -> None:
+        """Wait until the backend has read a request head whose target contains ``marker``."""
+
+        def read(line: str) -> bool:
+            m = BACKEND_REQUEST.match(line)
+            return m is not None and marker in m.group(5)
+
+        self.output.wait_line(read, 0, timeout)
+
+    def requests_with(
+        self, marker: str, timeout: float = EVENT_TIMEOUT
+    ) -> list[tuple[str, str, str, str, str]]:
+        """Every request head whose target contains ``marker``, as :meth:`requests` gives
+        them, once each backend connection that carried one has closed.
+
+        A connection reports ``CLOSED`` after every request head it read, so nothing the
+        relay let through on it can be reported later. Call it once the client's side is
+        over: a connection the relay keeps open fails it after ``timeout``."""
+        self.sync()
+        lines = list(self.output.lines)
+        for index, line in enumerate(lines):
+            m = BACKEND_REQUEST.match(line)
+            if m and marker in m.group(5):
+                closed = f"CLOSED {m.group(1)} {m.group(2)}"
+                self.output.wait_line(closed.__eq__, index + 1, timeout)
+        found = self._requests(list(self.output.lines))
+        return [_without_peer(r) for r in found if marker in r[4]]
 
     def stop(self) -> None:
         if self.proc.stdin is not None:
             with contextlib.suppress(OSError):
                 self.proc.stdin.close()
         stop_process(self.proc)
+
+
+def _without_peer(
+    request: tuple[str, str, str, str, str, str],
+) -> tuple[str, str, str, str, str]:
+    name, _, kind, method, target, host = request
+    return name, kind, method, target, host
 
 
 def _toml_string(value: str) -> str:
@@ -566,7 +691,7 @@ class Relay:
         predicate: Callable[[dict[str, Any]], bool],
         *,
         count: int = 1,
-        timeout: float = 10.0,
+        timeout: float = EVENT_TIMEOUT,
     ) -> list[dict[str, Any]]:
         """The access entries matching ``predicate``, once there are ``count`` of them."""
         deadline = time.monotonic() + timeout
@@ -581,7 +706,9 @@ class Relay:
         )
         return found
 
-    def access_for(self, sock_name: tuple[str, int], timeout: float = 10.0) -> dict[str, Any]:
+    def access_for(
+        self, sock_name: tuple[str, int], timeout: float = EVENT_TIMEOUT
+    ) -> dict[str, Any]:
         """The access entry of the connection whose client address was ``sock_name``."""
         client = f"{sock_name[0]}:{sock_name[1]}"
         return self.wait_access(lambda e: e.get("client") == client, timeout=timeout)[0]
@@ -951,6 +1078,7 @@ __all__ = [
     "PROXIED_V1",
     "PROXIED_V2",
     "REGISTRY",
+    "SYNC_SOURCE",
     "WILD_NAME",
     "AdminKeys",
     "BackendServer",

@@ -17,7 +17,9 @@ then serves until its standard input closes (or SIGTERM).
 
 from __future__ import annotations
 
+import contextlib
 import random
+import socket
 import ssl
 import sys
 import threading
@@ -50,7 +52,22 @@ class TLSServer(ThreadedWSGIServer):
         try:
             super().finish_request(wrapped, client_address)
         finally:
-            wrapped.close()
+            _close_after_peer(wrapped)
+
+
+def _close_after_peer(conn: ssl.SSLSocket) -> None:
+    """End our side with a FIN, read (raw, bounded) until the peer's, then close.
+
+    werkzeug answers every request with ``Connection: close``; a socket closed at once
+    answers the close_notify the client sends after our last byte with a RST, and the
+    relay, depending on which it reads first, logs the finished transfer as done or as a
+    backend_reset (issue 12: under load, test_e2e_registry's pull of the big layer)."""
+    with contextlib.suppress(OSError):
+        conn.settimeout(15)
+        conn.shutdown(socket.SHUT_WR)  # also drops TLS: recv reads raw bytes from here
+        while conn.recv(65536):
+            pass
+    conn.close()
 
 
 def tls_context(cert_dir: Path, names: list[str]) -> ssl.SSLContext:

@@ -153,10 +153,34 @@ class Sources:
 
     def __init__(self) -> None:
         self._n = 0
+        self.given: list[str] = []
 
     def next(self) -> str:
         self._n += 1
-        return f"127.1.{self._n // 250}.{self._n % 250 + 1}"
+        source = f"127.1.{self._n // 250}.{self._n % 250 + 1}"
+        self.given.append(source)
+        return source
+
+
+class Accepts:
+    """The backend's accepts, counted again after each step of the test, so each accept
+    falls in exactly one step, however late it came: a step that should have made one
+    connection and sees two, or a refusal that sees any, is caught, and a late accept
+    fails the step it shows up in (at the latest the final one) instead of going unseen.
+
+    Each count is exact as of the moment it is taken (``BackendServer.sync``): the
+    backend has reported every connection made before it."""
+
+    def __init__(self, backend: BackendServer) -> None:
+        self.backend = backend
+        self._counts = backend.accept_counts()
+
+    def step(self) -> dict[str, int]:
+        """The accepts since the last step, by backend name (names with none left out)."""
+        now = self.backend.accept_counts()
+        new = {name: now[name] - self._counts[name] for name in now}
+        self._counts = now
+        return {name: n for name, n in new.items() if n}
 
 
 def expected_answers(probe: Probe) -> tuple[str, ...]:
@@ -485,7 +509,9 @@ def run_control(
 # ---------------------------------------------------------------- the suite
 
 
-def _entries_by_source(relay: Relay, sources: list[str], timeout: float = 10.0) -> dict[str, Any]:
+def _entries_by_source(relay: Relay, sources: list[str], timeout: float = 30.0) -> dict[str, Any]:
+    """The first access entry from each of ``sources``, once there is one for each of them
+    (or after ``timeout``, with whatever there is)."""
     deadline = time.monotonic() + timeout
     while True:
         found: dict[str, dict[str, Any]] = {}
@@ -505,20 +531,17 @@ def test_no_front_door_reaches_a_forbidden_target(
     relay, backend = probe_relay, frontdoor_backend
     resolve_port = backend.ports[OPEN_LOOPBACK]
     sources = Sources()
+    accepts = Accepts(backend)
     leaks: list[str] = []  # anything that reached a backend it should not have
     failures: list[str] = []  # forbidden probes refused, but not in the expected way
     control_failures: list[str] = []
 
     # 1. Forbidden probes: nothing may reach any backend.
     probes = forbidden_probes(resolve_port)
-    accepted_before = backend.accepted()
     for probe in probes:
         probe.source = sources.next()
-        before = backend.accepted()
         probe.answer = _exchange(relay, probe.listener, probe.source, probe.payload)
-        probe.accepts_during = backend.accepted() - before
-    time.sleep(0.3)  # let any late backend accept show up in its report
-    accepted_after = backend.accepted()
+        probe.accepts_during = sum(accepts.step().values())
     entries = _entries_by_source(relay, [p.source for p in probes])
     for probe in probes:
         answer = probe.answer
@@ -540,9 +563,11 @@ def test_no_front_door_reaches_a_forbidden_target(
             )
         elif answer.kind not in expected_answers(probe):
             failures.append(f"{probe}: answered {answer.kind}, not {expected_answers(probe)}")
-    unexpected = accepted_after - accepted_before - sum(p.accepts_during for p in probes)
-    if unexpected:
-        leaks.append(f"backends accepted {unexpected} more connections, late")
+    # The relay has logged, so finished with, every probe's connection: any backend
+    # connection it made for one was made before this count.
+    late = accepts.step()
+    if late:
+        leaks.append(f"backends accepted more connections, late: {late}")
 
     # 2. Smuggling after an allowed request on a live connection: only the first request,
     # and only to the first request's backend.
@@ -559,7 +584,7 @@ def test_no_front_door_reaches_a_forbidden_target(
         "keep-alive after an upload past the splice threshold",
     ):
         source = sources.next()
-        problem = _smuggle_after_allowed(relay, backend, source, trick)
+        problem = _smuggle_after_allowed(relay, accepts, source, trick)
         smuggled += 1
         if problem is not None:
             leaks.append(f"{trick}: {problem}")
@@ -572,16 +597,13 @@ def test_no_front_door_reaches_a_forbidden_target(
     for name, port in targets:
         for variant in (name, name + ".", name.upper()):
             for door in ("sni", "host", "uri", "connect"):
-                before = backend.accepted(name)
-                total = backend.accepted()
                 problem = run_control(
                     relay, frontdoor_ca, door, variant, name, port, sources.next()
                 )
                 controls += 1
-                if problem is None and (
-                    backend.accepted(name) - before != 1 or backend.accepted() - total != 1
-                ):
-                    problem = "not exactly one connection, to its own backend"
+                made = accepts.step()
+                if problem is None and made != {name: 1}:
+                    problem = f"not exactly one connection, to its own backend: {made}"
                 if problem is not None:
                     control_failures.append(f"{door} {variant!r}: {problem}")
     for control in (
@@ -589,10 +611,15 @@ def test_no_front_door_reaches_a_forbidden_target(
         _uri_and_host_spelled_apart,
         _explicit_port_80,
     ):
-        problem = control(relay, backend, sources.next())
+        problem = control(relay, accepts, sources)
         controls += 1
         if problem is not None:
             control_failures.append(f"{control.__name__}: {problem}")
+    # Every connection of the test is over and logged: nothing may reach a backend after.
+    _entries_by_source(relay, sources.given)
+    late = accepts.step()
+    if late:
+        leaks.append(f"backends accepted more connections after the last step: {late}")
 
     refused = len(probes) + smuggled - len(leaks) - len(failures)
     print(
@@ -609,9 +636,7 @@ def test_no_front_door_reaches_a_forbidden_target(
     assert not control_failures, "allowed controls that failed:\n" + "\n".join(control_failures)
 
 
-def _smuggle_after_allowed(
-    relay: Relay, backend: BackendServer, source: str, trick: str
-) -> str | None:
+def _smuggle_after_allowed(relay: Relay, accepts: Accepts, source: str, trick: str) -> str | None:
     """An allowed request, then one for another host (or port) on the same connection, or
     one for the same host that would hide a third for another host (Upgrade, CONNECT, an
     absolute URI with another Host): None if nothing after the first request reached any
@@ -663,13 +688,14 @@ def _smuggle_after_allowed(
     else:
         first = f"GET {marker} HTTP/1.1\r\nHost: {first_host}\r\n\r\n"
         second = f"GET {marker}-2 HTTP/1.1\r\nHost: {DOCKERAUTH}\r\n\r\n"
-    before_registry = backend.accepted(REGISTRY)
-    before_total = backend.accepted()
+    backend = accepts.backend
     with relay.connect(source=source, listener=FRONT, timeout=5) as sock:
         sock.sendall(first.encode())
         try:
             if trick == "pipelined late":
-                time.sleep(0.05)  # the relay has connected and forwarded the first by now
+                # Once the backend has read the first, the relay is relaying: the second
+                # comes as a later write on a live connection.
+                backend.wait_request(marker)
                 sock.sendall(second.encode())
                 rest = recv_to_eof(sock)
                 statuses = rest.count(b"HTTP/1.1 ")
@@ -685,13 +711,13 @@ def _smuggle_after_allowed(
                     return f"second request answered: {rest[:200]!r}"
         except NoEOF as e:
             return f"the connection stayed open after the second request; got {e.data[:200]!r}"
-    time.sleep(0.2)
-    seen = [r for r in backend.requests() if marker in r[3]]
+    seen = backend.requests_with(marker)
     target = f"http://{REGISTRY}{marker}" if "absolute" in trick else marker
     if seen != [(REGISTRY, "plain", method, target, REGISTRY)]:
         return f"backends saw {seen}"
-    if backend.accepted(REGISTRY) - before_registry != 1 or backend.accepted() != before_total + 1:
-        return "a second backend connection was made"
+    made = accepts.step()
+    if made != {REGISTRY: 1}:
+        return f"not exactly one backend connection: {made}"
     entry = relay.wait_access(lambda e: e.get("client", "").startswith(source + ":"))[0]
     if entry.get("close_reason") not in reasons:
         return f"close_reason {entry.get('close_reason')!r}, not one of {reasons}"
@@ -700,17 +726,14 @@ def _smuggle_after_allowed(
 
 def _served_once(
     relay: Relay,
-    backend: BackendServer,
+    accepts: Accepts,
     source: str,
     payload: bytes,
     name: str,
     target: str,
-    marker: str | None = None,
 ) -> str | None:
-    """Send one request; None if ``name``'s backend alone answered it, having seen ``target``.
-
-    The backend's requests are told apart by ``marker`` (by default ``source``) in their
-    targets."""
+    """Send one request from ``source``; None if ``name``'s backend alone answered it, over
+    one connection, having seen ``target`` (whose query is ``source``) and nothing else."""
     with relay.connect(source=source, listener=FRONT, timeout=5) as sock:
         sock.sendall(payload)
         try:
@@ -719,26 +742,27 @@ def _served_once(
             return str(e)
     if split_http(response)[:3:2] != (200, f"backend={name}\n".encode()):
         return f"got {response[:120]!r}"
-    time.sleep(0.1)
-    seen = [r[:4] for r in backend.requests() if (marker or source) in r[3]]
+    seen = [r[:4] for r in accepts.backend.requests_with(source)]
     if seen != [(name, "plain", payload.split(b" ")[0].decode(), target)]:
         return f"backends saw {seen}"
+    made = accepts.step()
+    if made != {name: 1}:
+        return f"not exactly one backend connection: {made}"
     return None
 
 
-def _body_that_looks_like_a_request(
-    relay: Relay, backend: BackendServer, source: str
-) -> str | None:
+def _body_that_looks_like_a_request(relay: Relay, accepts: Accepts, sources: Sources) -> str | None:
     """A request body that looks like a request for another host is body, not a request."""
+    source = sources.next()
     body = f"GET /name?{source}-body HTTP/1.1\r\nHost: {DOCKERAUTH}\r\n\r\n".encode()
     head = (
         f"POST /name?{source} HTTP/1.1\r\nHost: {REGISTRY}\r\nConnection: close\r\n"
         f"Content-Length: {len(body)}\r\n\r\n"
     ).encode()
-    return _served_once(relay, backend, source, head + body, REGISTRY, f"/name?{source}")
+    return _served_once(relay, accepts, source, head + body, REGISTRY, f"/name?{source}")
 
 
-def _uri_and_host_spelled_apart(relay: Relay, backend: BackendServer, source: str) -> str | None:
+def _uri_and_host_spelled_apart(relay: Relay, accepts: Accepts, sources: Sources) -> str | None:
     """An absolute URI whose Host header names the same target in another spelling (case,
     one trailing dot, an explicit :80) is served by the URI's host. (Another host or port
     in Host is refused: see the probes.)"""
@@ -748,17 +772,18 @@ def _uri_and_host_spelled_apart(relay: Relay, backend: BackendServer, source: st
         (REGISTRY, f"{REGISTRY}:80"),
         (f"{REGISTRY.upper()}:80", f"{REGISTRY}."),
     ]
-    for i, (authority, host) in enumerate(spellings):
-        marker = f"{source}-{i}"
-        target = f"http://{authority}/name?{marker}"
+    for authority, host in spellings:
+        source = sources.next()
+        target = f"http://{authority}/name?{source}"
         payload = f"GET {target} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"
-        problem = _served_once(relay, backend, source, payload.encode(), REGISTRY, target, marker)
+        problem = _served_once(relay, accepts, source, payload.encode(), REGISTRY, target)
         if problem is not None:
             return f"{authority} with Host {host}: {problem}"
     return None
 
 
-def _explicit_port_80(relay: Relay, backend: BackendServer, source: str) -> str | None:
+def _explicit_port_80(relay: Relay, accepts: Accepts, sources: Sources) -> str | None:
     """Host with the default port written out is the same allowed target."""
+    source = sources.next()
     payload = f"GET /name?{source} HTTP/1.1\r\nHost: {DOCKERAUTH}:80\r\nConnection: close\r\n\r\n"
-    return _served_once(relay, backend, source, payload.encode(), DOCKERAUTH, f"/name?{source}")
+    return _served_once(relay, accepts, source, payload.encode(), DOCKERAUTH, f"/name?{source}")

@@ -27,9 +27,15 @@ TLS, ``GET /reset?size=N&seed=S&after=M`` announces that blob but sends only its
 (``SO_LINGER`` 0: a backend dying mid-blob); anything else 404. So one backend endpoint
 serves a route whatever the relay's front door (SNI, CONNECT, Host or absolute URI).
 
-For the tests that check what reached a backend, every accepted connection prints
-``ACCEPT <name>`` and every request head read prints ``REQUEST <name> <tls|plain>
-<method> <target> <host>`` (host ``-`` if none), each on one line.
+For the tests that check what reached a backend, each on one line: every accepted
+connection prints ``ACCEPT <name> <peer>``, every request head read prints ``REQUEST
+<name> <peer> <tls|plain> <method> <target> <host>`` (host ``-`` if none) and every
+connection, once served and closed, prints ``CLOSED <name> <peer>`` (``peer`` is the
+connecting side's ``ip:port``). One thread per port accepts and prints ``ACCEPT`` before
+it accepts the next, so one port's ``ACCEPT`` lines are in the order the kernel queued the
+connections: a test that connects to a port and sees its own ``ACCEPT`` knows every
+earlier connection to that port has been reported (see ``BackendServer.sync``). A
+connection's ``REQUEST`` lines all come before its ``CLOSED``.
 The module is also imported by the tests for :func:`blob_block` and friends.
 """
 
@@ -161,7 +167,7 @@ def _finish(conn: socket.socket, *, close_notify: bool) -> None:
     raw.close()
 
 
-def _http(conn: ssl.SSLSocket, name: str, line: bytes, rest: bytes) -> None:
+def _http(conn: ssl.SSLSocket, name: str, peer: str, line: bytes, rest: bytes) -> None:
     head = bytearray(rest)
     while b"\r\n\r\n" not in head and b"\n\n" not in head:
         data = conn.recv(4096)
@@ -171,7 +177,7 @@ def _http(conn: ssl.SSLSocket, name: str, line: bytes, rest: bytes) -> None:
     target = line.split()[1].decode("ascii")
     method = line.split()[0].decode("latin-1")
     host = _host_of(line + b"\r\n" + bytes(head))
-    _say(f"REQUEST {name} tls {method} {target} {host}")
+    _say(f"REQUEST {name} {peer} tls {method} {target} {host}")
     url = urlsplit(target)
     if url.path == "/name":
         body = f"backend={name}\n".encode()
@@ -196,7 +202,7 @@ def _http(conn: ssl.SSLSocket, name: str, line: bytes, rest: bytes) -> None:
     _finish(conn, close_notify=True)
 
 
-def _plain(sock: socket.socket, name: str) -> None:
+def _plain(sock: socket.socket, name: str, peer: str) -> None:
     """Plain HTTP/1.1 with keep-alive (Content-Length bodies only), until the peer closes."""
     buf = bytearray()
     while True:
@@ -209,7 +215,7 @@ def _plain(sock: socket.socket, name: str) -> None:
         request_line = head.split(b"\r\n", 1)[0].decode("latin-1")
         method, target, version = [*request_line.split(" "), "", "", ""][:3]
         host = _host_of(head)
-        _say(f"REQUEST {name} plain {method} {target} {host}")
+        _say(f"REQUEST {name} {peer} plain {method} {target} {host}")
         headers = [line.lower() for line in head.split(b"\r\n")[1:]]
         length = 0
         for line in headers:
@@ -292,7 +298,7 @@ def reset(sock: socket.socket) -> None:
     sock.close()
 
 
-def _serve(raw: socket.socket, context: ssl.SSLContext, name: str) -> None:
+def _serve(raw: socket.socket, context: ssl.SSLContext, name: str, peer: str) -> None:
     conn: socket.socket = raw
     try:
         raw.settimeout(IO_TIMEOUT)
@@ -300,7 +306,7 @@ def _serve(raw: socket.socket, context: ssl.SSLContext, name: str) -> None:
         if not first:
             return
         if first[0] != 0x16:
-            _plain(raw, name)
+            _plain(raw, name, peer)
             return
         conn = tls = context.wrap_socket(
             raw, server_side=True, do_handshake_on_connect=False, suppress_ragged_eofs=True
@@ -308,7 +314,7 @@ def _serve(raw: socket.socket, context: ssl.SSLContext, name: str) -> None:
         tls.do_handshake()
         line, rest = _read_line(tls)
         if line.startswith(b"GET "):
-            _http(tls, name, line, rest)
+            _http(tls, name, peer, line, rest)
         elif line == b"UPLOAD":
             digest, count = _read_to_eof(tls, rest)
             tls.sendall(f"{digest} {count}\n".encode())
@@ -325,13 +331,15 @@ def _serve(raw: socket.socket, context: ssl.SSLContext, name: str) -> None:
         pass  # peers that vanish mid-test (the slow reader is cut on purpose) are normal
     finally:
         conn.close()
+        _say(f"CLOSED {name} {peer}")
 
 
 def _accept_loop(listener: socket.socket, context: ssl.SSLContext, name: str) -> None:
     while True:
-        raw, _ = listener.accept()
-        _say(f"ACCEPT {name}")
-        threading.Thread(target=_serve, args=(raw, context, name), daemon=True).start()
+        raw, (host, port) = listener.accept()
+        peer = f"{host}:{port}"
+        _say(f"ACCEPT {name} {peer}")
+        threading.Thread(target=_serve, args=(raw, context, name, peer), daemon=True).start()
 
 
 def main(argv: list[str]) -> int:
