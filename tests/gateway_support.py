@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from twisted.internet import ssl as tssl
+from twisted.internet.protocol import Protocol as Protocol_
 
 from acrrelay.routing import (
     Door,
@@ -66,3 +67,81 @@ def upstream_tls_options(ca: TestCA, name: str) -> Any:
     pem = (ca.directory / f"{name}.pem").read_bytes() + (ca.directory / f"{name}.key").read_bytes()
     certificate = tssl.PrivateCertificate.loadPEM(pem)
     return certificate.options()
+
+
+def listen_tls_site(ca: TestCA, name: str, resource: Any) -> Any:
+    """A twisted.web site over TLS on 127.0.0.1 (random port) with ``name``'s certificate."""
+    from twisted.internet import reactor
+    from twisted.web.server import Site
+
+    site = Site(resource)
+    site.noisy = False
+    return reactor.listenSSL(0, site, upstream_tls_options(ca, name), interface="127.0.0.1")
+
+
+class ConnectProxy:
+    """A minimal in-process CONNECT proxy that sends every tunnel to one loopback port, and
+    remembers the targets it was asked for."""
+
+    def __init__(self, port: int) -> None:
+        from twisted.internet import reactor
+        from twisted.internet.protocol import Factory
+
+        self.target_port = port
+        self.asked: list[str] = []
+        self.listening = reactor.listenTCP(
+            0, Factory.forProtocol(lambda: _ProxyProtocol(self)), interface="127.0.0.1"
+        )
+
+    @property
+    def endpoint(self) -> str:
+        return f"tcp:host=127.0.0.1:port={self.listening.getHost().port}"
+
+
+class _ProxyProtocol(Protocol_):  # type: ignore[misc,valid-type]
+    def __init__(self, proxy: ConnectProxy) -> None:
+        self.proxy = proxy
+        self.buffer = b""
+        self.peer: Any = None
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.peer is not None:
+            self.peer.transport.write(data)
+            return
+        self.buffer += data
+        if b"\r\n\r\n" not in self.buffer:
+            return
+        head, _, rest = self.buffer.partition(b"\r\n\r\n")
+        self.proxy.asked.append(head.split(b" ")[1].decode())
+        from twisted.internet import reactor
+        from twisted.internet.endpoints import TCP4ClientEndpoint
+        from twisted.internet.protocol import Factory
+
+        self.transport.pauseProducing()
+        d = TCP4ClientEndpoint(reactor, "127.0.0.1", self.proxy.target_port).connect(
+            Factory.forProtocol(lambda: _Back(self))
+        )
+
+        def ready(back: Any) -> None:
+            self.peer = back
+            self.transport.write(b"HTTP/1.1 200 Connection established\r\n\r\n")
+            if rest:
+                back.transport.write(rest)
+            self.transport.resumeProducing()
+
+        d.addCallback(ready)
+
+    def connectionLost(self, reason: Any = None) -> None:
+        if self.peer is not None:
+            self.peer.transport.loseConnection()
+
+
+class _Back(Protocol_):  # type: ignore[misc,valid-type]
+    def __init__(self, front: _ProxyProtocol) -> None:
+        self.front = front
+
+    def dataReceived(self, data: bytes) -> None:
+        self.front.transport.write(data)
+
+    def connectionLost(self, reason: Any = None) -> None:
+        self.front.transport.loseConnection()
