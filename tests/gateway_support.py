@@ -3,6 +3,8 @@ few ``.test`` names, and a loopback TLS upstream served by Twisted with certific
 
 from __future__ import annotations
 
+import http.client
+import socket
 from pathlib import Path
 from typing import Any
 
@@ -145,3 +147,28 @@ class _Back(Protocol_):  # type: ignore[misc,valid-type]
 
     def connectionLost(self, reason: Any = None) -> None:
         self.front.transport.loseConnection()
+
+
+def serve_gateway(ca: TestCA, handler: Any, *, p: Policy | None = None) -> tuple[Any, Any]:
+    """The gateway's TLS + h11 front on 127.0.0.1 (random port) with ``handler``; returns the
+    listening port and the HTTP factory (whose ``done`` hook tests may set)."""
+    from twisted.internet import reactor
+
+    from acrrelay.gateway.server import GatewayHTTPFactory
+    from acrrelay.gateway.tls import SNIServerContexts, tls_factory
+
+    contexts = SNIServerContexts(FilesIssuer(ca), decider(p or policy()))
+    http = GatewayHTTPFactory(handler, reactor, idle_timeout=60)
+    port = reactor.listenTCP(0, tls_factory(contexts, http), interface="127.0.0.1")
+    return port, http
+
+
+class HTTPSTo(http.client.HTTPSConnection):
+    """http.client to a routed name, connecting to 127.0.0.1:port (SNI and Host = name)."""
+
+    def __init__(self, name: str, port: int, ca: TestCA, timeout: float = 60) -> None:
+        super().__init__(name, port, context=ca.client_context(), timeout=timeout)
+
+    def connect(self) -> None:
+        raw = socket.create_connection(("127.0.0.1", self.port), timeout=self.timeout)
+        self.sock = self._context.wrap_socket(raw, server_hostname=self.host)  # type: ignore[attr-defined]
