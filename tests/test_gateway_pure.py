@@ -10,6 +10,7 @@ PURE = [
     "acrrelay.gateway.registryapi",
     "acrrelay.gateway.proof",
     "acrrelay.gateway.store",
+    "acrrelay.gateway.spool",
 ]
 
 
