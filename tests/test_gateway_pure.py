@@ -11,6 +11,7 @@ PURE = [
     "acrrelay.gateway.proof",
     "acrrelay.gateway.store",
     "acrrelay.gateway.spool",
+    "acrrelay.gateway.ca",
 ]
 
 
