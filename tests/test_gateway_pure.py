@@ -10,6 +10,8 @@ PURE = [
     "acrrelay.gateway.registryapi",
     "acrrelay.gateway.proof",
     "acrrelay.gateway.store",
+    "acrrelay.gateway.spool",
+    "acrrelay.gateway.ca",
 ]
 
 
