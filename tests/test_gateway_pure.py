@@ -12,6 +12,7 @@ PURE = [
     "acrrelay.gateway.store",
     "acrrelay.gateway.spool",
     "acrrelay.gateway.ca",
+    "acrrelay.gateway.config",
 ]
 
 
