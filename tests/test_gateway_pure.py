@@ -13,6 +13,7 @@ PURE = [
     "acrrelay.gateway.spool",
     "acrrelay.gateway.ca",
     "acrrelay.gateway.config",
+    "acrrelay.gateway.commands",
 ]
 
 
