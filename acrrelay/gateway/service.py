@@ -154,6 +154,7 @@ class GatewayService(MultiService):
             self.handler,
             self.reactor,
             idle_timeout=self.config.idle_timeout,
+            first_timeout=self.config.peek_timeout,
             done=lambda exchange, how: self._done(listener, exchange, how),
         )
         http.connections = self.connections
