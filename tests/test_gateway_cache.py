@@ -327,3 +327,39 @@ def test_a_download_that_fails_for_good_cuts_every_waiter(world: Any) -> Any:
     oss.cut_every_at = None
     status, _, body = yield deferToThread(_get, ca, port, target, GOOD)
     assert status == 200 and body == data
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_slow_waiter_slows_only_itself(world: Any) -> Any:
+    """One waiter reads nothing while another reads all: the fast one and the download finish
+    (the blob is stored) before the slow one has read its body, which then arrives intact."""
+    import threading
+
+    ca, port, _, oss, store, blobs, add_blob = world
+    data = os.urandom(32 * MiB)
+    digest = add_blob(data)
+    target = f"/v2/lib/app/blobs/{digest}"
+    gate: defer.Deferred[None] = defer.Deferred()
+    oss.gate = gate
+    go = threading.Event()
+
+    def slow() -> bytes:
+        conn = gs.HTTPSTo(gs.REGISTRY, port, ca, timeout=120)
+        conn.request("GET", target, headers={"Authorization": GOOD.decode()})
+        response = conn.getresponse()
+        go.wait(60)
+        return response.read()
+
+    slow_read = deferToThread(slow)
+    while blobs.stats["misses"] < 1:
+        yield deferToThread(lambda: __import__("time").sleep(0.05))
+    fast_read = deferToThread(_get, ca, port, target, GOOD)
+    while blobs.stats["coalesced"] < 1:
+        yield deferToThread(lambda: __import__("time").sleep(0.05))
+    gate.callback(None)
+    status, _, body = yield fast_read
+    assert status == 200 and body == data
+    assert digest in store and not slow_read.called
+    go.set()
+    body = yield slow_read
+    assert body == data and oss.bytes == len(data)
