@@ -363,3 +363,60 @@ def test_a_slow_waiter_slows_only_itself(world: Any) -> Any:
     go.set()
     body = yield slow_read
     assert body == data and oss.bytes == len(data)
+
+
+class _Manifests(Resource):
+    """/v2/<repo>/manifests/<digest>: HEAD proves, GET serves the manifest itself (no redirect)."""
+
+    isLeaf = True
+    MEDIA = b"application/vnd.oci.image.manifest.v1+json"
+
+    def __init__(self, registry: _Registry, manifests: dict[str, bytes]) -> None:
+        super().__init__()
+        self.registry = registry
+        self.manifests = manifests
+        self.methods: list[bytes] = []
+
+    def render_HEAD(self, request: Any) -> bytes:
+        return self.render_GET(request)
+
+    def render_GET(self, request: Any) -> bytes:
+        self.methods.append(request.method)
+        parts = request.path.decode().split("/")
+        repo, digest = "/".join(parts[2:-2]), parts[-1]
+        if self.registry.rights.get(request.getHeader(b"authorization")) != repo:
+            request.setResponseCode(401)
+            request.setHeader(b"www-authenticate", CHALLENGE)
+            return b""
+        request.setHeader(b"content-type", self.MEDIA)
+        request.setHeader(b"docker-content-digest", digest.encode())
+        return self.manifests[digest]
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_manifest_by_digest_is_proven_by_head_and_cached(world: Any) -> Any:
+    """GET manifest by digest: miss then hit, the media type kept; another repo's token gets
+    the registry's 401 from the HEAD proof and not the manifest."""
+    ca, port, registry, _, store, _, _ = world
+    manifest = b'{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json"}'
+    digest = "sha256:" + hashlib.sha256(manifest).hexdigest()
+    resource = _Manifests(registry, {digest: manifest})
+    original = registry.render_GET  # blobs as before; manifests from the resource above
+
+    def route(request: Any) -> Any:
+        if b"/manifests/" in request.path:
+            return resource.render(request)
+        return original(request)
+
+    registry.render_GET = route  # type: ignore[method-assign]
+    registry.render_HEAD = route  # type: ignore[attr-defined]
+    target = f"/v2/lib/app/manifests/{digest}"
+    for _ in range(2):
+        status, headers, body = yield deferToThread(_get, ca, port, target, GOOD)
+        assert (status, body) == (200, manifest)
+        assert headers["content-type"] == _Manifests.MEDIA.decode()
+    assert digest in store
+    assert resource.methods == [b"HEAD", b"GET"]  # one proof, one download, then a hit
+    status, headers, body = yield deferToThread(_get, ca, port, target, OTHER)
+    assert status == 401 and manifest not in body
+    assert headers["www-authenticate"] == CHALLENGE.decode()

@@ -280,7 +280,10 @@ class BlobPath:
             exchange.finish()
             return
         start, end = span if isinstance(span, tuple) else (0, size)
-        headers = _entity_headers(api, b"application/octet-stream")
+        content_type = (
+            download.content_type if api.kind == "manifest" else b"application/octet-stream"
+        )
+        headers = _entity_headers(api, content_type)
         if isinstance(span, tuple):
             headers.append((b"content-range", b"bytes %d-%d/%d" % (start, end - 1, size)))
         headers.append((b"content-length", str(end - start).encode()))

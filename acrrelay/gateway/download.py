@@ -83,6 +83,8 @@ class Download:
         self._authorization = authorization
         self._counted = counted
         self.size: int | None = None
+        #: The first answer's Content-Type (a manifest's media type matters to clients).
+        self.content_type = b"application/octet-stream"
         self.spool: Spool | None = None
         self.state = "starting"  # starting, running, done, failed, bypass
         self.sized: defer.Deferred[Download] = defer.Deferred()
@@ -189,6 +191,7 @@ class Download:
     def _begin(self, response: IResponse) -> bool:
         """Open the spool for the first answer; False (bypass) if the store has no room."""
         self.size = None if response.length is UNKNOWN_LENGTH else int(response.length)
+        self.content_type = response.headers.getRawHeaders(b"content-type", [self.content_type])[0]
         self.spool = self._store.begin(self.digest, self.size)
         if self.spool is None:
             self.state = "bypass"
