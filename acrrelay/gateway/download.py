@@ -237,16 +237,27 @@ class Download:
         self._wake()
 
 
+#: A body this small is read and dropped, so its connection goes back to the pool.
+SMALL_BODY: Final = 64 * 1024
+
+
 class _Discard(Protocol):
     transport: Any
 
+    def __init__(self, keep: bool = False) -> None:
+        self._keep = keep
+
     def connectionMade(self) -> None:
-        self.transport.stopProducing()
+        if not self._keep:
+            self.transport.stopProducing()
 
     def connectionLost(self, reason: Failure = Failure(ResponseDone())) -> None:  # noqa: B008
         pass
 
 
 def _drain(response: IResponse) -> None:
-    """Drop a response body we do not want (a redirect's, a refusal's): close it."""
-    response.deliverBody(_Discard())
+    """Drop a response body we do not want (a redirect's, a proof's): read it to the end if it
+    is small (the connection is reused), else close it (never a whole blob for a proof)."""
+    length = response.length
+    small = length is not UNKNOWN_LENGTH and int(length) <= SMALL_BODY
+    response.deliverBody(_Discard(keep=small))

@@ -169,7 +169,8 @@ class GatewayService(MultiService):
             client=exchange.client,
             front_door="tls",
             sni=exchange.host,
-            target=exchange.target,
+            # The path only: a query may carry upload state or signatures.
+            target=exchange.target.partition("?")[0],
             method=exchange.method,
             status=exchange.status or None,
             cache=exchange.cache,
