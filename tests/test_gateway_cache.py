@@ -42,6 +42,7 @@ class _Registry(Resource):
         super().__init__()
         self.rights = {GOOD: "lib/app", OTHER: "other/app"}
         self.requests: list[tuple[bytes, bytes, bytes | None]] = []
+        self.oss_host = gs.OSS
 
     def render_GET(self, request: Any) -> bytes:
         auth = request.getHeader(b"authorization")
@@ -56,7 +57,7 @@ class _Registry(Resource):
             request.setHeader(b"www-authenticate", CHALLENGE)
             return b'{"errors":[{"code":"UNAUTHORIZED"}]}'
         request.setResponseCode(307)
-        request.setHeader(b"location", f"https://{gs.OSS}/data/{digest}?sig=1".encode())
+        request.setHeader(b"location", f"https://{self.oss_host}/data/{digest}?sig=1".encode())
         return b""
 
 
@@ -420,3 +421,15 @@ def test_a_manifest_by_digest_is_proven_by_head_and_cached(world: Any) -> Any:
     status, headers, body = yield deferToThread(_get, ca, port, target, OTHER)
     assert status == 401 and manifest not in body
     assert headers["www-authenticate"] == CHALLENGE.decode()
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_redirect_to_an_unrouted_host_is_never_followed(world: Any) -> Any:
+    """The registry redirecting to a host no route covers: the client gets a 502, nothing is
+    fetched there, nothing is stored."""
+    ca, port, registry, oss, store, _, add_blob = world
+    registry.oss_host = gs.UNROUTED
+    digest = add_blob(os.urandom(MiB))
+    status, _, body = yield deferToThread(_get, ca, port, f"/v2/lib/app/blobs/{digest}", GOOD)
+    assert (status, body) == (502, b"")
+    assert oss.headers == [] and digest not in store

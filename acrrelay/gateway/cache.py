@@ -227,7 +227,10 @@ class BlobPath:
             return
         if download.state == "bypass" or download.spool is None:
             if download.state == "failed":
-                exchange.abort("upstream_failed")
+                # Nothing was answered yet: a 502 says so; it is no short 200.
+                exchange.detail = "download_failed"
+                exchange.start_response(502, [(b"content-length", b"0")])
+                exchange.finish()
                 return
             exchange.cache = "bypass"
             self.stats["bypass"] += 1
