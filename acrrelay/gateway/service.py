@@ -230,6 +230,10 @@ class GatewayService(MultiService):
             [(ipaddress.ip_address(h), port) for h, port in own if client_ip(h) is not None]
         )
 
+    def addresses(self) -> list[Any]:
+        """The bound gateway listeners' addresses, in listener order (port 0 shows the port)."""
+        return [port.getHost() for port, _ in self._ports]
+
     def _listen(self, description: str, factory: Any) -> IListeningPort:
         outcome: list[Any] = []
         serverFromString(self.reactor, description).listen(factory).addBoth(outcome.append)
