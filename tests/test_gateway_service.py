@@ -91,3 +91,29 @@ def test_the_service_serves_logs_reloads_and_stops(tmp_path: Path) -> Any:
         up.stopListening()
     with pytest.raises(ConnectionRefusedError):
         yield deferToThread(_handshake, port, ca_file, gs.REGISTRY)
+
+
+def test_the_admin_shell_sees_and_evicts_stored_blobs(tmp_path: Path) -> None:
+    """cache.stats() counts a stored blob, cache.list() names it, cache.evict() removes it."""
+    import hashlib
+
+    from twisted.internet.testing import MemoryReactorClock
+
+    from acrrelay.gateway.shell import gateway_namespace
+
+    gs.make_ca(tmp_path / "up")
+    init_ca(tmp_path / "gwca")
+    relay, gateway = parse_gateway(_text(tmp_path, "resolve", (gs.REGISTRY,), "tcp:0"))
+    assert gateway is not None
+    service = make_gateway_service(relay, gateway, MemoryReactorClock())
+    cache = gateway_namespace(service)["cache"]
+    data = b"layer bytes"
+    digest = "sha256:" + hashlib.sha256(data).hexdigest()
+    spool = service.store.begin(digest, len(data))
+    assert spool is not None
+    spool.write(data)
+    spool.publish()
+    assert cache.stats()["count"] == 1 and cache.stats()["size"] == len(data)
+    assert [entry[:2] for entry in cache.list()] == [(digest, len(data))]
+    assert cache.evict(digest) is True
+    assert cache.stats()["count"] == 0 and cache.list() == []
