@@ -133,3 +133,14 @@ def test_finishing_short_of_the_content_length_is_a_reset() -> None:
     protocol, transport, _ = _connect(handler)
     protocol.dataReceived(GET)
     assert transport.aborted
+
+
+def test_an_absolute_url_target_is_refused() -> None:
+    """A proxy-style absolute URL never names the upstream: 421, no handler call."""
+    called: list[Exchange] = []
+    protocol, transport, _ = _connect(called.append)
+    protocol.dataReceived(
+        b"GET https://elsewhere.example.test/v2/ HTTP/1.1\r\nHost: registry.gw.test\r\n\r\n"
+    )
+    assert called == []
+    assert transport.value().startswith(b"HTTP/1.1 421 ")

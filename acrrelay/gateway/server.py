@@ -375,6 +375,9 @@ class GatewayHTTP(Protocol):
 
 def _misdirected(exchange: Exchange) -> str | None:
     """Why a request's Host does not name the TLS server name it came in on, or None."""
+    if not exchange.raw_target.startswith(b"/"):
+        # Absolute-form or "*": the upstream is the TLS name, never a URL a client writes.
+        return "the target is not a path"
     host = exchange.header(b"host")
     if host is None:
         return "no Host header"
