@@ -73,6 +73,7 @@ class _OSS(Resource):
         self.bytes = 0
         self.cut_first_at: int | None = None
         self.cut_every_at: int | None = None
+        self.stall_first_at: int | None = None
         self.gate: defer.Deferred[None] | None = None
 
     def render_GET(self, request: Any) -> Any:
@@ -82,6 +83,12 @@ class _OSS(Resource):
         size = path.stat().st_size
         rng = request.getHeader(b"range")
         start = int(rng.split(b"=")[1].split(b"-")[0]) if rng else 0
+        if self.stall_first_at is not None:
+            cut, self.stall_first_at = self.stall_first_at, None
+            request.setHeader(b"content-length", str(size).encode())
+            request.write(path.read_bytes()[:cut])
+            self.bytes += cut
+            return 1  # NOT_DONE_YET, and never done: a stalled upstream
         if self.cut_first_at is not None or self.cut_every_at is not None:
             cut = self.cut_first_at or self.cut_every_at or 0
             self.cut_first_at = None
@@ -433,3 +440,18 @@ def test_a_redirect_to_an_unrouted_host_is_never_followed(world: Any) -> Any:
     status, _, body = yield deferToThread(_get, ca, port, f"/v2/lib/app/blobs/{digest}", GOOD)
     assert (status, body) == (502, b"")
     assert oss.headers == [] and digest not in store
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_stalled_upstream_body_is_cut_and_resumed(world: Any) -> Any:
+    """OSS sends 1 MiB then nothing: after the upstream timeout the download is cut and
+    resumed from its offset, and the client gets every byte."""
+    ca, port, _, oss, store, blobs, add_blob = world
+    blobs.upstream.timeout = 1.0
+    data = os.urandom(3 * MiB)
+    digest = add_blob(data)
+    oss.stall_first_at = MiB
+    status, _, body = yield deferToThread(_get, ca, port, f"/v2/lib/app/blobs/{digest}", GOOD)
+    assert status == 200 and body == data
+    assert [h.get(b"Range") for h in oss.headers] == [None, [b"bytes=%d-" % MiB]]
+    assert digest in store

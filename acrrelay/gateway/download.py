@@ -46,15 +46,32 @@ class _Writer(Protocol):
 
     transport: Any
 
-    def __init__(self, download: Download) -> None:
+    def __init__(self, download: Download, reactor: Any, idle: float) -> None:
         self._download = download
+        self._reactor = reactor
+        self._idle = idle
+        self._timer: Any = None
         self.done: defer.Deferred[None] = defer.Deferred()
 
+    def connectionMade(self) -> None:
+        self._arm()
+
+    def _arm(self) -> None:
+        # Nothing ever pauses a download (it goes to disk), so silence means a stalled
+        # upstream: cut it, and the download resumes on a fresh connection.
+        if self._timer is not None and self._timer.active():
+            self._timer.reset(self._idle)
+        else:
+            self._timer = self._reactor.callLater(self._idle, self.transport.stopProducing)
+
     def dataReceived(self, data: bytes) -> None:
+        self._arm()
         if not self._download.take(data):
             self.transport.stopProducing()
 
     def connectionLost(self, reason: Failure = Failure(ResponseDone())) -> None:  # noqa: B008
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
         if reason.check(ResponseDone):
             self.done.callback(None)
         else:
@@ -124,7 +141,7 @@ class Download:
                 response = yield self._fetch()
                 if self.spool is None and not self._begin(response):
                     return self.state
-                writer = _Writer(self)
+                writer = _Writer(self, self._reactor, self._upstream.timeout)
                 response.deliverBody(writer)
                 try:
                     yield writer.done
