@@ -396,9 +396,30 @@ class _Manifests(Resource):
             request.setResponseCode(401)
             request.setHeader(b"www-authenticate", CHALLENGE)
             return b""
+        accepted = b",".join(request.requestHeaders.getRawHeaders(b"accept", []))
+        if self.MEDIA not in accepted:  # as distribution does for an OCI manifest
+            request.setResponseCode(404)
+            return b'{"errors":[{"code":"MANIFEST_UNKNOWN"}]}'
+
         request.setHeader(b"content-type", self.MEDIA)
         request.setHeader(b"docker-content-digest", digest.encode())
         return self.manifests[digest]
+
+
+def _get_manifest(
+    ca: Any, port: int, target: str, auth: bytes
+) -> tuple[int, dict[str, str], bytes]:
+    """GET with Accept in two header lines, as docker sends it."""
+    conn = gs.HTTPSTo(gs.REGISTRY, port, ca)
+    conn.putrequest("GET", target)
+    conn.putheader("Authorization", auth.decode())
+    conn.putheader("Accept", "application/vnd.docker.distribution.manifest.v2+json")
+    conn.putheader("Accept", _Manifests.MEDIA.decode())
+    conn.endheaders()
+    response = conn.getresponse()
+    body = response.read()
+    conn.close()
+    return response.status, {k.lower(): v for k, v in response.getheaders()}, body
 
 
 @pytest_twisted.inlineCallbacks
@@ -420,12 +441,12 @@ def test_a_manifest_by_digest_is_proven_by_head_and_cached(world: Any) -> Any:
     registry.render_HEAD = route  # type: ignore[attr-defined]
     target = f"/v2/lib/app/manifests/{digest}"
     for _ in range(2):
-        status, headers, body = yield deferToThread(_get, ca, port, target, GOOD)
+        status, headers, body = yield deferToThread(_get_manifest, ca, port, target, GOOD)
         assert (status, body) == (200, manifest)
         assert headers["content-type"] == _Manifests.MEDIA.decode()
     assert digest in store
     assert resource.methods == [b"HEAD", b"GET"]  # one proof, one download, then a hit
-    status, headers, body = yield deferToThread(_get, ca, port, target, OTHER)
+    status, headers, body = yield deferToThread(_get_manifest, ca, port, target, OTHER)
     assert status == 401 and manifest not in body
     assert headers["www-authenticate"] == CHALLENGE.decode()
 

@@ -113,7 +113,7 @@ class BlobPath:
         to give the client as it is."""
         headers = Headers()
         for name in (b"authorization", b"accept"):
-            value = exchange.header(name)
+            value = exchange.joined(name)
             if value is not None:
                 headers.addRawHeader(name, value)
         url = self._url(exchange, api)
@@ -257,6 +257,7 @@ class BlobPath:
             url=self._url(exchange, api),
             digest=api.digest,
             authorization=current_authorization,
+            accept=exchange.joined(b"accept") if api.kind == "manifest" else None,
             counted=self._count("bytes_upstream"),
         )
         download.waiters = waiters  # type: ignore[attr-defined]

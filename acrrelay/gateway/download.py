@@ -90,6 +90,7 @@ class Download:
         url: bytes,
         digest: str,
         authorization: Callable[[], bytes | None],
+        accept: bytes | None = None,
         counted: Callable[[int], None] | None = None,
     ) -> None:
         self._reactor = reactor
@@ -98,6 +99,8 @@ class Download:
         self._url = url
         self.digest = digest
         self._authorization = authorization
+        #: The first client's Accept: a registry answers a manifest only in a type it names.
+        self._accept = accept
         self._counted = counted
         self.size: int | None = None
         #: The first answer's Content-Type (a manifest's media type matters to clients).
@@ -179,9 +182,10 @@ class Download:
     @defer.inlineCallbacks
     def _fetch(self):  # type: ignore[no-untyped-def]
         """The registry's answer, following one redirect without the client's credential."""
-        response = yield self._upstream.request(
-            b"GET", self._url, self._headers(self._authorization())
-        )
+        headers = self._headers(self._authorization())
+        if self._accept is not None:
+            headers.addRawHeader(b"accept", self._accept)
+        response = yield self._upstream.request(b"GET", self._url, headers)
         if response.code in REDIRECTS:
             location = response.headers.getRawHeaders(b"location", [None])[0]
             _drain(response)

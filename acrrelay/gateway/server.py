@@ -76,6 +76,12 @@ class Exchange:
                 return value
         return None
 
+    def joined(self, name: bytes) -> bytes | None:
+        """Every value of a request header joined with ", " (Accept often comes in several
+        lines), or None if it is absent."""
+        values = [value for key, value in self.headers if key == name]
+        return b", ".join(values) if values else None
+
     @property
     def has_body(self) -> bool:
         return self.header(b"transfer-encoding") is not None or (
