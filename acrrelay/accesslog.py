@@ -38,6 +38,9 @@ class AccessRecord:
     target: str | None = None
     sni: str | None = None
     method: str | None = None
+    #: The gateway's HTTP answer, and its blob path (hit, miss, coalesced or bypass).
+    status: int | None = None
+    cache: str | None = None
     user: str | None = None
     alpn: tuple[str, ...] | None = None
     ech: bool | None = None

@@ -59,6 +59,7 @@ __all__ = [
     "format_size",
     "load_config",
     "parse_config",
+    "parse_document",
     "parse_duration",
     "parse_size",
     "read_users_file",
@@ -259,6 +260,14 @@ def parse_config(
         document = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(source, "", f"not valid TOML: {e}") from None
+    return _build(source, document, overlay or Overlay())
+
+
+def parse_document(
+    source: str, document: dict[str, Any], overlay: Overlay | None = None
+) -> RelayConfig:
+    """Like :func:`parse_config`, from a TOML document already read (the gateway's loader
+    takes its own table out first)."""
     return _build(source, document, overlay or Overlay())
 
 

@@ -19,17 +19,8 @@ from typing import Any, Final
 
 import attrs
 
-from acrrelay.config import (
-    ConfigError,
-    Overlay,
-    RelayConfig,
-    _build,
-    _read_document,
-    _show,
-    _Table,
-    parse_duration,
-    parse_size,
-)
+from acrrelay.config import ConfigError, Overlay, RelayConfig, parse_document
+from acrrelay.configvalues import Table, parse_duration, parse_size, read_toml, show
 from acrrelay.endpoints import EndpointError, check_client_endpoint
 
 __all__ = [
@@ -78,7 +69,7 @@ class GatewayConfig:
 
 def parse_gateway_table(source: str, table: dict[str, Any]) -> GatewayConfig:
     """Validate the ``[gateway]`` table of ``source``; unknown keys are rejected."""
-    t = _Table(source, "gateway", table)
+    t = Table(source, "gateway", table)
     config = GatewayConfig(
         ca=t.require("ca", _path),
         cache_dir=t.require("cache_dir", _path),
@@ -96,7 +87,7 @@ def load_gateway(
     path: str, overlay: Overlay | None = None
 ) -> tuple[RelayConfig, GatewayConfig | None]:
     """Read ``path``: the relay settings, and the gateway's if it has a ``[gateway]`` table."""
-    return _split(path, _read_document(path), overlay)
+    return _split(path, read_toml(path), overlay)
 
 
 def parse_gateway(
@@ -115,7 +106,7 @@ def _split(
 ) -> tuple[RelayConfig, GatewayConfig | None]:
     table = document.pop("gateway", None)
     gateway = None if table is None else parse_gateway_table(source, table)
-    relay = _build(source, document, overlay or Overlay())
+    relay = parse_document(source, document, overlay)
     if gateway is not None:
         _check_relay_for_gateway(source, relay)
     return relay, gateway
@@ -130,7 +121,7 @@ def _check_relay_for_gateway(source: str, relay: RelayConfig) -> None:
                 source,
                 f"listen[{i}].protocols",
                 'a gateway listener terminates TLS: expected ["tls"], '
-                f"got {_show(list(listener.protocols))}",
+                f"got {show(list(listener.protocols))}",
             )
     if relay.workers != 1:
         raise ConfigError(
@@ -140,7 +131,7 @@ def _check_relay_for_gateway(source: str, relay: RelayConfig) -> None:
 
 def _path(value: object) -> str:
     if not isinstance(value, str) or not value.strip():
-        raise ValueError(f"expected a path, got {_show(value)}")
+        raise ValueError(f"expected a path, got {show(value)}")
     return value
 
 
@@ -149,7 +140,7 @@ def _proof_ttl(value: object) -> float:
     if seconds > MAX_PROOF_TTL:
         raise ValueError(
             "expected at most 1h (a revoked user is served from the cache for this long), "
-            f"got {_show(value)}"
+            f"got {show(value)}"
         )
     return seconds
 
@@ -157,13 +148,13 @@ def _proof_ttl(value: object) -> float:
 def _positive_duration(value: object) -> float:
     seconds = parse_duration(value)
     if seconds <= 0:
-        raise ValueError(f"expected a duration above zero, got {_show(value)}")
+        raise ValueError(f"expected a duration above zero, got {show(value)}")
     return seconds
 
 
 def _client_endpoint(value: object) -> str:
     if not isinstance(value, str):
-        raise ValueError(f'expected a client endpoint such as "tcp:proxy:3128", got {_show(value)}')
+        raise ValueError(f'expected a client endpoint such as "tcp:proxy:3128", got {show(value)}')
     try:
         check_client_endpoint(value.strip())
     except EndpointError as e:
