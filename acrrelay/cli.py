@@ -142,7 +142,7 @@ def _hosts(args: argparse.Namespace, out: TextIO) -> int:
     except ValueError:
         raise ConfigError("hosts", f"--relay {args.relay}", "expected ADDRESS[:PORT]") from None
     if args.format == "hosts":
-        if port != 443:
+        if port != 443:  # hosts-file clients of the relay (and of the gateway) use 443
             raise ConfigError(
                 "hosts",
                 f"--relay {args.relay}",
@@ -155,11 +155,39 @@ def _hosts(args: argparse.Namespace, out: TextIO) -> int:
             raise ConfigError(
                 "hosts", f"--relay {args.relay}", "a hosts file needs the relay's IP address"
             ) from None
+    elif args.format == "gateway-trust":
+        out.write(_gateway_trust(args, names.registry + names.auth))
     elif args.format == "dockerd":
         out.write(dockerd_proxy(host, port, args.proxy_user))
     else:
         out.write(containerd_proxy(host, port, names.registry, args.proxy_user))
     return 0
+
+
+def _gateway_trust(args: argparse.Namespace, names: tuple[str, ...]) -> str:
+    """How each client kind trusts the gateway's CA, for the registry and token names only
+    (clients never reach OSS through the gateway: it follows blob redirects itself)."""
+    from acrrelay.gateway.commands import trust_instructions
+
+    if args.ca is None:
+        raise ConfigError("hosts", "--format gateway-trust", "needs --ca PATH (the ca.crt)")
+    try:
+        text = trust_instructions(names, args.ca, args.client)
+    except ValueError as e:
+        raise ConfigError("hosts", "--client", str(e)) from None
+    return text if text.endswith("\n") else text + "\n"
+
+
+def _ca(args: argparse.Namespace, out: TextIO) -> int:
+    from acrrelay.gateway.commands import ca_init_main
+
+    return ca_init_main(args.rest, out)
+
+
+def _cache(args: argparse.Namespace, out: TextIO) -> int:
+    from acrrelay.gateway.commands import cache_verify_main
+
+    return cache_verify_main(args.rest, out)
 
 
 def _resolve(args: argparse.Namespace, out: TextIO) -> int:
@@ -271,7 +299,32 @@ def _parser() -> argparse.ArgumentParser:
     _add_hosts(commands)
     _add_resolve(commands)
     _add_doctor(commands)
+    _add_gateway_commands(commands)
     return parser
+
+
+def _add_gateway_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """ca init and cache verify, for the caching gateway."""
+    ca = commands.add_parser(
+        "ca",
+        help="the gateway's internal CA: acrrelay ca init DIR",
+        description="acrrelay ca init DIR [--days N] [--name NAME]: create the gateway's CA "
+        "(ca.crt for the clients, ca.key mode 0600 for the gateway); never overwrites one.",
+        add_help=False,
+    )
+    ca.add_argument("action", choices=("init",))
+    ca.add_argument("rest", nargs=argparse.REMAINDER)
+    ca.set_defaults(run=_ca)
+    cache = commands.add_parser(
+        "cache",
+        help="the gateway's blob store: acrrelay cache verify DIR [DIGEST...]",
+        description="acrrelay cache verify DIR [DIGEST...]: re-hash stored blobs and drop "
+        "corrupt ones, so they are fetched again; exit 1 if any was corrupt.",
+        add_help=False,
+    )
+    cache.add_argument("action", choices=("verify",))
+    cache.add_argument("rest", nargs=argparse.REMAINDER)
+    cache.set_defaults(run=_cache)
 
 
 def _add_config_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -343,7 +396,19 @@ def _add_hosts(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         metavar="NAME",
         help="an OSS bucket name, from a blob redirect (repeatable)",
     )
-    hosts.add_argument("--format", choices=("hosts", "dockerd", "containerd"), default="hosts")
+    hosts.add_argument(
+        "--format",
+        choices=("hosts", "dockerd", "containerd", "gateway-trust"),
+        default="hosts",
+        help="gateway-trust: how each client kind trusts the gateway's CA (with --ca)",
+    )
+    hosts.add_argument("--ca", metavar="PATH", help="the gateway's ca.crt, for gateway-trust")
+    hosts.add_argument(
+        "--client",
+        choices=("docker", "containerd", "podman", "all"),
+        default="all",
+        help="which client kind gateway-trust is for (default all)",
+    )
     hosts.add_argument("--proxy-user", metavar="USER", help="for proxy formats with connect_users")
     hosts.set_defaults(run=_hosts)
 
