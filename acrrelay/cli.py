@@ -11,6 +11,8 @@ import sys
 from collections.abc import Iterable, Sequence
 from typing import TextIO
 
+import attrs
+
 from acrrelay import __version__
 from acrrelay.config import RELAY_SETTINGS, ConfigError, Overlay, RelayConfig, load_config
 from acrrelay.routing import DEFAULT_PORTS, Route
@@ -88,8 +90,17 @@ def _route_options(route: Route) -> str:
 
 def _check_config(args: argparse.Namespace, out: TextIO) -> int:
     overlay = Overlay(listen=tuple(args.listen), route=tuple(args.route), acr=tuple(args.acr))
-    config = load_config(args.file, overlay)
+    if args.file is None:
+        out.write(format_config(load_config(None, overlay)))
+        return 0
+    from acrrelay.gateway.config import load_gateway
+
+    config, gateway = load_gateway(args.file, overlay)  # the same file format, either role
     out.write(format_config(config))
+    if gateway is not None:
+        out.write("\ngateway (this file runs the caching gateway: its listeners terminate TLS)\n")
+        for field in attrs.fields(type(gateway)):
+            out.write(f"  {field.name} = {getattr(gateway, field.name)!r}\n")
     return 0
 
 

@@ -67,3 +67,13 @@ def test_hosts_gateway_trust_needs_the_ca() -> None:
     """Without --ca, gateway-trust is a one-line error and exit 1."""
     args = ["hosts", "--relay", "10.0.0.5", "--acr", "cn-beijing", "--format", "gateway-trust"]
     assert main(args, io.StringIO()) == 1
+
+
+def test_check_config_reads_the_example_gateway_config() -> None:
+    """``acrrelay check-config etc/gateway.toml`` validates the gateway role's file (the same
+    format as the relay's, plus a ``[gateway]`` table) and shows the gateway's settings."""
+    out = io.StringIO()
+    example = Path(__file__).resolve().parent.parent / "etc" / "gateway.toml"
+    assert main(["check-config", str(example)], out) == 0
+    assert "gateway (this file runs the caching gateway" in out.getvalue()
+    assert "proof_ttl = 60.0" in out.getvalue()
