@@ -21,6 +21,8 @@ from tests.e2e_support import (
     TestCA,
 )
 from tests.registry_world import (
+    IMAGE_REPOSITORY,
+    OTHER_REPOSITORY,
     LocalImage,
     RegistryWorld,
     build_oci_image,
@@ -136,3 +138,18 @@ def registry_image(tmp_path_factory: pytest.TempPathFactory) -> LocalImage:
     """An OCI image on disk whose gzip'd layer holds ``$ACRRELAY_E2E_LAYER_MB`` MiB
     (default 200) of random data."""
     return build_oci_image(tmp_path_factory.mktemp("oci-image"), layer_bytes_from_env())
+
+
+@pytest.fixture(scope="session")
+def small_images(
+    registry_world: RegistryWorld, tmp_path_factory: pytest.TempPathFactory
+) -> dict[str, LocalImage]:
+    """A small image (1 MiB layer) pushed as ``:small`` to each of ``IMAGE_REPOSITORY``
+    and ``OTHER_REPOSITORY``, each with its own layer: repository -> image."""
+    directory = tmp_path_factory.mktemp("small-images")
+    images = {}
+    for seed, repository in enumerate((IMAGE_REPOSITORY, OTHER_REPOSITORY), start=10):
+        image = build_oci_image(directory / str(seed), 1024 * 1024, tag="small", seed=seed)
+        registry_world.push(image, "small", home=directory / "home", repository=repository)
+        images[repository] = image
+    return images
