@@ -20,6 +20,7 @@ from tests.e2e_support import (
     Relay,
     TestCA,
 )
+from tests.gateway_world import GatewayProcess, GatewayWorld
 from tests.registry_world import (
     IMAGE_REPOSITORY,
     OTHER_REPOSITORY,
@@ -153,3 +154,43 @@ def small_images(
         registry_world.push(image, "small", home=directory / "home", repository=repository)
         images[repository] = image
     return images
+
+
+# ---------------------------------------------------------------- the gateway's world
+
+
+@pytest.fixture(scope="session")
+def gateway_world(
+    registry_world: RegistryWorld, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[GatewayWorld]:
+    """The gateway chain on the registry world: its own region relay (metrics on), the
+    gateway CA, client certs.d, and an address for the gateway (``tests/gateway_world.py``);
+    no gateway runs until ``start_gateway()`` or the ``gateway`` fixture."""
+    world = GatewayWorld(registry_world, tmp_path_factory.mktemp("gateway-world"))
+    try:
+        yield world
+    finally:
+        world.close()
+
+
+@pytest.fixture
+def gateway(gateway_world: GatewayWorld) -> Iterator[GatewayProcess]:
+    """A fresh gateway with default settings and an empty cache, stopped after the test."""
+    process = gateway_world.start_gateway()
+    try:
+        yield process
+    finally:
+        process.stop()
+
+
+@pytest.fixture(scope="session")
+def gateway_image(
+    registry_world: RegistryWorld,
+    registry_image: LocalImage,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> LocalImage:
+    """The big image (``registry_image``) pushed through the world's relay as
+    ``IMAGE:gateway``."""
+    home = tmp_path_factory.mktemp("gateway-image-home")
+    registry_world.push(registry_image, "gateway", home=home)
+    return registry_image
