@@ -12,6 +12,8 @@ PURE = [
     "acrrelay.gateway.store",
     "acrrelay.gateway.spool",
     "acrrelay.gateway.ca",
+    "acrrelay.gateway.config",
+    "acrrelay.gateway.commands",
 ]
 
 
