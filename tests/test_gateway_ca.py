@@ -115,7 +115,8 @@ def test_leaf_is_made_afresh_before_it_expires(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(
-    "bad", ["*.aliyuncs.com", "10.0.0.1", "::1", "[::1]", "", "a..b", "bad name.example"]
+    "bad",
+    ["*.aliyuncs.com", "10.0.0.1", "10.0.0.1.", "::1", "[::1]", "", "a..b", "bad name.example"],
 )
 def test_wildcards_ips_and_non_names_are_refused(ca_dir: Path, bad: str) -> None:
     """No leaf for a wildcard, an IP address, or anything that is not a host name."""

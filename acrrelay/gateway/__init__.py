@@ -14,7 +14,8 @@ Modules (pure ones need no reactor and open no socket):
 - :mod:`~acrrelay.gateway.proof` (pure): ``ProofCache``, what upstream has proven, per hashed
   credential and repository, for a short time never past the token's expiry.
 - :mod:`~acrrelay.gateway.store` (plain file I/O): ``BlobStore``, content-addressed blobs under a
-  size cap with LRU eviction, verified before an atomic publish; ``Spool`` for a download.
+  size cap with LRU eviction, verified before an atomic publish; ``Spool`` for a download and
+  the readers (from :mod:`~acrrelay.gateway.spool`, re-exported).
 - :mod:`~acrrelay.gateway.ca` (pure): the internal CA and a leaf certificate per routed name.
 - :mod:`~acrrelay.gateway.config` (pure): the ``[gateway]`` table, ``load_gateway``.
 - :mod:`~acrrelay.gateway.commands`: ``acrrelay ca init`` and ``acrrelay cache verify``.

@@ -199,15 +199,20 @@ def _leaf_name(name: str) -> str:
     if "*" in name:
         raise ValueError(f"refusing a wildcard certificate for {name!r}: one leaf per name")
     try:
-        ipaddress.ip_address(name.strip("[]"))
-    except ValueError:
-        pass
-    else:
-        raise ValueError(f"refusing a certificate for the IP address {name!r}: names only")
-    try:
-        return normalize_name(name)
+        host = normalize_name(name.strip("[]")) if ":" not in name else None
     except InvalidName as e:
         raise ValueError(f"not a host name: {name!r} ({e})") from None
+    if host is None or _is_ip(host):
+        raise ValueError(f"refusing a certificate for the IP address {name!r}: names only")
+    return host
+
+
+def _is_ip(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
 
 
 def _key_usage(*, cert_sign: bool) -> x509.KeyUsage:

@@ -98,6 +98,9 @@ class Download:
     def failed(self) -> bool:
         return self.state == "failed"
 
+    def complete(self) -> bool:
+        return self.state == "done"
+
     def watch(self, wake: Callable[[], None]) -> None:
         self._watchers.append(wake)
 

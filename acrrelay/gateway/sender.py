@@ -34,6 +34,10 @@ class Source(Protocol):
 
     def failed(self) -> bool: ...
 
+    def complete(self) -> bool:
+        """Every byte is in and verified: only then may an answer end cleanly."""
+        ...
+
 
 class _Complete:
     def __init__(self, size: int) -> None:
@@ -44,6 +48,9 @@ class _Complete:
 
     def failed(self) -> bool:
         return False
+
+    def complete(self) -> bool:
+        return True
 
 
 @implementer(IPushProducer)
@@ -98,8 +105,14 @@ class BlobSender:
             if self._source.failed():
                 return self._cut("upstream_failed")
             if self._position >= self._end:
+                if not self._source.complete():
+                    return  # hold the clean end until the download is verified
                 return self._finish()
             limit = min(self._end, self._source.available())
+            if not self._source.complete():
+                # The last byte waits for the download's verification: a client whose
+                # download fails can never have read a whole body.
+                limit = min(limit, self._end - 1)
             if self._position >= limit:
                 return  # caught up with the download: its next write wakes us
             data = self._file.read(min(CHUNK, limit - self._position))
@@ -108,14 +121,18 @@ class BlobSender:
             self._position += len(data)
             if self._hash is not None:
                 self._hash.update(data)
+                if self._position >= self._end and not self._verified():
+                    # Checked before the last chunk leaves, so the client never has it all.
+                    return self._cut("digest_mismatch")
             if self._sent is not None:
                 self._sent(len(data))
             self._exchange.write(data)
         self.wake()
 
+    def _verified(self) -> bool:
+        return self._hash is None or "sha256:" + self._hash.hexdigest() == self._digest
+
     def _finish(self) -> None:
-        if self._hash is not None and "sha256:" + self._hash.hexdigest() != self._digest:
-            return self._cut("digest_mismatch")
         self._exchange.unregister_producer()
         self._close("done")
         self._exchange.finish()

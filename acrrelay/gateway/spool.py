@@ -11,6 +11,7 @@ Plain synchronous file I/O, no reactor.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import os
@@ -152,7 +153,10 @@ class Spool:
         self.written += len(data)
 
     def publish(self) -> Published | Mismatch:
-        """Check size and sha256, fsync, and rename into place; on a mismatch keep nothing."""
+        """Check size and sha256, fsync, and rename into place; on a mismatch keep nothing.
+
+        Raises :class:`StoreFull` if the disk fills up at the last step (nothing is kept).
+        """
         if self._fd is None:
             raise ValueError("the spool is closed")
         actual = "sha256:" + self._hash.hexdigest()
@@ -162,19 +166,23 @@ class Spool:
             self._store._counts["mismatches"] += 1
             return Mismatch(self.digest, self.expected_size, self.written, actual)
         fd, self._fd = self._fd, None
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
         final = self._store.path_of(self.digest)
         try:
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
             final.parent.mkdir(mode=0o700, exist_ok=True)
             os.rename(self.path, final)
-            _fsync_dir(final.parent)
-        except OSError:
+        except OSError as e:
             self.path.unlink(missing_ok=True)
             self._store._finish(self, None)
+            if e.errno in NO_ROOM:
+                self._store._counts["full"] += 1
+                raise StoreFull(f"no room to publish {self.digest}") from e
             raise
+        with contextlib.suppress(OSError):
+            _fsync_dir(final.parent)  # durability only: the blob is verified and in place
         published = Published(self.digest, self.written, final)
         self._store._finish(self, published)
         return published

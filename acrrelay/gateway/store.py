@@ -135,6 +135,7 @@ class BlobStore:
         self._blobs: OrderedDict[str, _Blob] = OrderedDict()
         self._users: Counter[str] = Counter()
         self._spools: dict[str, Spool] = {}
+        self._stored_bytes = 0
         self._last_stamp = 0
         self._counts: Counter[str] = Counter()
         self._scan()
@@ -157,7 +158,7 @@ class BlobStore:
         try:
             fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         except FileNotFoundError:
-            del self._blobs[digest]
+            self._unindex(digest)  # removed behind our back (cache verify, an operator)
             return None
         size = os.fstat(fd).st_size
         if size != blob.size:
@@ -270,7 +271,7 @@ class BlobStore:
                     if progress is not None:
                         progress(digest, size, total)
         except FileNotFoundError:
-            self._blobs.pop(digest, None)
+            self._unindex(digest)
             return VerifyResult(digest, "missing", 0, None)
         actual = "sha256:" + h.hexdigest()
         if actual == digest:
@@ -292,7 +293,7 @@ class BlobStore:
                 st = path.stat()
                 found.append((st.st_mtime_ns, digest, st.st_size))
         for mtime_ns, digest, size in sorted(found):
-            self._blobs[digest] = _Blob(size, mtime_ns)
+            self._index(digest, _Blob(size, mtime_ns))
             self._last_stamp = max(self._last_stamp, mtime_ns)
 
     def _stamp(self) -> int:
@@ -301,7 +302,17 @@ class BlobStore:
         return self._last_stamp
 
     def _stored(self) -> int:
-        return sum(b.size for b in self._blobs.values())
+        return self._stored_bytes
+
+    def _index(self, digest: str, blob: _Blob) -> None:
+        self._unindex(digest)
+        self._blobs[digest] = blob
+        self._stored_bytes += blob.size
+
+    def _unindex(self, digest: str) -> None:
+        blob = self._blobs.pop(digest, None)
+        if blob is not None:
+            self._stored_bytes -= blob.size
 
     def _used(self) -> int:
         return self._stored() + sum(s.charge for s in self._spools.values())
@@ -336,7 +347,7 @@ class BlobStore:
         return False
 
     def _remove(self, digest: str) -> None:
-        del self._blobs[digest]
+        self._unindex(digest)
         self.path_of(digest).unlink(missing_ok=True)
 
     def _release(self, digest: str) -> None:
@@ -351,7 +362,7 @@ class BlobStore:
         if published is not None:
             stamp = self._stamp()
             os.utime(published.path, ns=(stamp, stamp))
-            self._blobs[spool.digest] = _Blob(published.size, stamp)
+            self._index(spool.digest, _Blob(published.size, stamp))
         if self._used() > self.cap:
             self._make_room(0)
 
