@@ -138,7 +138,10 @@ def fetch(
     context = tls_context(ca_file)
     raw = socket.create_connection((address, port), timeout=timeout)
     connection = http.client.HTTPSConnection(name, port, timeout=timeout, context=context)
-    tls = connection.sock = context.wrap_socket(raw, server_hostname=name)
+    # Ragged EOFs raise: a cut (FIN without close_notify, or RST) never looks like an end.
+    tls = connection.sock = context.wrap_socket(
+        raw, server_hostname=name, suppress_ragged_eofs=False
+    )
     digest, size, head = hashlib.sha256(), 0, bytearray()
     status, got, complete, error = 0, {}, False, None
     started = time.monotonic()
@@ -154,7 +157,12 @@ def fetch(
                 head += data[: 4096 - len(head)]
             if rate is not None:
                 time.sleep(max(0.0, started + size / rate - time.monotonic()))
-        complete = True
+        # http.client's read(amt) ends quietly on an early EOF: compare with the length.
+        length = got.get("content-length")
+        if method != "HEAD" and length is not None and size != int(length):
+            error = f"short body: {size} of {length} bytes, then EOF"
+        else:
+            complete = True
     except (OSError, http.client.HTTPException) as e:
         error = f"{type(e).__name__}: {e}"
     finally:
@@ -400,12 +408,19 @@ class GatewayWorld:
             f"stderr:\n{result.stderr}\n{self.diagnostics()}"
         )
 
-    def diagnostics(self, lines: int = 80) -> str:
-        parts = [self.world.diagnostics(lines)]
+    def diagnostics(self, lines: int = 40) -> str:
+        """The gateway's output and access log (without metrics scrapes) first, then the
+        registry world's."""
+        parts = []
         if self.gateway is not None:
             state = "running" if self.gateway.alive() else f"exited {self.gateway.proc.returncode}"
+            said = [line for line in self.gateway.output.lines if "GET /metrics" not in line]
+            access = [json.dumps(e) for e in self.gateway.access_entries()]
             parts.append(f"--- gateway (pid {self.gateway.pid}, {state}):")
-            parts.append("\n".join(self.gateway.output.lines[-lines:]))
+            parts += said[-lines:]
+            parts.append("--- gateway access log:")
+            parts += access[-lines:]
+        parts.append(self.world.diagnostics(lines // 2))
         return "\n".join(parts)
 
     def close(self) -> None:

@@ -245,31 +245,71 @@ def test_a_token_for_another_repository_gets_no_cached_layer_under_either_path(
     gateway_world: GatewayWorld, gateway: GatewayProcess, small_images: dict[str, LocalImage]
 ) -> None:
     """A token for repository B, proven for B's own layer, asking for repository A's
-    cached layer or manifest: under A's path the registry's 401, under B's path the
-    registry's 404; zero bytes of A's either way (cf. zot#4363)."""
+    cached layer: under A's path the registry's 401, under B's path the registry's 404;
+    zero bytes of A's layer either way (cf. zot#4363)."""
     gw = gateway_world
     a, b = small_images[IMAGE_REPOSITORY], small_images[OTHER_REPOSITORY]
     reader = _user(gw, {OTHER_REPOSITORY: ["pull"]})
     token_b = gw.world.token(reader, reader, [_pull(OTHER_REPOSITORY)])
     _warm(gw, OTHER_REPOSITORY, b.layer_digest, token_b)
     _warm(gw, IMAGE_REPOSITORY, a.layer_digest)
-    manifest = gw.fetch(
-        "GET",
-        f"/v2/{IMAGE_REPOSITORY}/manifests/{a.manifest_digest}",
-        token=_token(gw),
-        headers={"Accept": OCI_MANIFEST},
-    )
-    assert manifest.status == 200 and manifest.digest == a.manifest_digest, manifest
-
     for repository in (IMAGE_REPOSITORY, OTHER_REPOSITORY):
         for method in ("GET", "HEAD"):
             path = _blob(repository, a.layer_digest)
             _refused_as_the_registry(gw, method, path, token_b, a.layer_digest)
+
+
+def _manifest(gw: GatewayWorld, repository: str, image: LocalImage, token: str | None) -> Fetch:
+    return gw.fetch(
+        "GET",
+        f"/v2/{repository}/manifests/{image.manifest_digest}",
+        token=token,
+        headers={"Accept": OCI_MANIFEST},
+    )
+
+
+def test_a_manifest_by_digest_is_served_and_refused_as_the_registry_does(
+    gateway_world: GatewayWorld, gateway: GatewayProcess, small_images: dict[str, LocalImage]
+) -> None:
+    """An OCI manifest by digest (cached, like a blob) comes through the gateway byte for
+    byte with its media type, cold and warm; a token for repository B asking for it
+    under either path gets the registry's status and none of its bytes."""
+    gw = gateway_world
+    a, b = small_images[IMAGE_REPOSITORY], small_images[OTHER_REPOSITORY]
+    for round_ in ("cold", "warm"):
+        got = _manifest(gw, IMAGE_REPOSITORY, a, _token(gw))
+        assert got.status == 200 and got.complete, (round_, got, gw.diagnostics())
+        assert got.digest == a.manifest_digest, (round_, got)
+        assert got.headers["content-type"] == OCI_MANIFEST, (round_, got.headers)
+    reader = _user(gw, {OTHER_REPOSITORY: ["pull"]})
+    token_b = gw.world.token(reader, reader, [_pull(OTHER_REPOSITORY)])
+    assert _manifest(gw, OTHER_REPOSITORY, b, token_b).digest == b.manifest_digest
+    for repository in (IMAGE_REPOSITORY, OTHER_REPOSITORY):
+        got = _manifest(gw, repository, a, token_b)
         path = f"/v2/{repository}/manifests/{a.manifest_digest}"
-        got = gw.fetch("GET", path, token=token_b, headers={"Accept": OCI_MANIFEST})
         status, _, _ = _registry_says(gw, "GET", path, token_b)
-        assert got.status == status and got.status in (401, 404), (got, status)
-        assert got.digest != a.manifest_digest, got
+        assert got.status == status and status in (401, 404), (got, status)
+        assert got.digest != a.manifest_digest and got.size < 4096, got
+
+
+def test_skopeo_pulls_an_image_by_manifest_digest_through_the_gateway(
+    gateway_world: GatewayWorld,
+    gateway: GatewayProcess,
+    small_images: dict[str, LocalImage],
+    tmp_path: Path,
+) -> None:
+    """``skopeo copy docker://IMAGE@sha256:...`` (a pull by digest, as Kubernetes does
+    with pinned images) through the gateway gets the image with identical digests."""
+    gw = gateway_world
+    image = small_images[IMAGE_REPOSITORY]
+    home = tmp_path / "home"
+    gw.login(home, USER, gw.world.password)
+    destination = tmp_path / "pulled"
+    result = gw.skopeo(
+        ["copy", f"docker://{IMAGE}@{image.manifest_digest}", f"dir:{destination}"], home=home
+    )
+    assert result.returncode == 0, gw.failure("skopeo pull by digest", result)
+    assert _pulled_layer_digest(destination, image) == image.layer_digest
 
 
 def test_a_revoked_user_gets_nothing_after_the_proof_time(
@@ -339,6 +379,10 @@ def test_a_flipped_byte_on_disk_is_found_and_the_layer_fetched_again(
     attempts = [gw.fetch("GET", path, token=token) for _ in range(2)]
     wrong = [a for a in attempts if a.complete and a.status == 200 and a.digest != layer]
     assert not wrong, f"a clean 200 with the flipped byte: {wrong}\n{gw.diagnostics()}"
+    # The first is served from the store, so it is the one cut, and by a TCP reset
+    # (GATEWAY.md: "RESET (never a clean end)"); a FIN would read as SSLEOFError.
+    assert not attempts[0].complete and attempts[0].size < image.layer_size, attempts[0]
+    assert "ConnectionResetError" in str(attempts[0].error), attempts[0].error
     assert attempts[-1].status == 200 and attempts[-1].digest == layer, attempts
     assert gw.upstream_bytes("oss") - before >= image.layer_size, "not fetched again"
     _wait(lambda: stored.exists() and sha256_file(stored) == layer, "the store repaired")
