@@ -42,6 +42,7 @@ import socket
 import ssl
 import struct
 import subprocess
+import threading
 import time
 import urllib.request
 from collections.abc import Mapping, Sequence
@@ -49,7 +50,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import psutil
+
 from tests.e2e_support import VENV_BIN, _Output, _toml_string, _toml_value, clean_env, stop_process
+from tests.fault_proxy import FaultProxy
 from tests.registry_world import (
     AUTH,
     NAMES,
@@ -132,9 +136,13 @@ def fetch(
     headers: Mapping[str, str] | None = None,
     timeout: float = 120.0,
     rate: float | None = None,
+    stop: threading.Event | None = None,
+    started: threading.Event | None = None,
 ) -> Fetch:
     """One request to ``address:port`` as ``name`` (SNI, Host), trusting ``ca_file`` only;
-    reads the whole body (at ``rate`` bytes/s at most, if given), never raising on a cut."""
+    reads the whole body (at ``rate`` bytes/s at most, if given; until ``stop`` is set, if
+    given: then the result is not complete), never raising on a cut. ``started`` is set
+    once the response head arrived (or the request failed)."""
     context = tls_context(ca_file)
     raw = socket.create_connection((address, port), timeout=timeout)
     connection = http.client.HTTPSConnection(name, port, timeout=timeout, context=context)
@@ -144,28 +152,35 @@ def fetch(
     )
     digest, size, head = hashlib.sha256(), 0, bytearray()
     status, got, complete, error = 0, {}, False, None
-    started = time.monotonic()
+    began = time.monotonic()
     try:
         connection.request(method, path, headers=dict(headers or {}))
         response = connection.getresponse()
         status = response.status
+        if started is not None:
+            started.set()
         got = {k.lower(): v for k, v in response.getheaders()}
-        while data := response.read(256 * 1024):
+        while data := response.read(256 * 1024 if rate is None else 16 * 1024):
+            if stop is not None and stop.is_set():
+                error = "stopped by the test"
+                break
             digest.update(data)
             size += len(data)
             if len(head) < 4096:
                 head += data[: 4096 - len(head)]
             if rate is not None:
-                time.sleep(max(0.0, started + size / rate - time.monotonic()))
+                time.sleep(max(0.0, began + size / rate - time.monotonic()))
         # http.client's read(amt) ends quietly on an early EOF: compare with the length.
         length = got.get("content-length")
-        if method != "HEAD" and length is not None and size != int(length):
+        if error is None and method != "HEAD" and length is not None and size != int(length):
             error = f"short body: {size} of {length} bytes, then EOF"
-        else:
+        elif error is None:
             complete = True
     except (OSError, http.client.HTTPException) as e:
         error = f"{type(e).__name__}: {e}"
     finally:
+        if started is not None:
+            started.set()
         # http.client's close leaves the socket open while a response refers to it.
         with contextlib.suppress(OSError):
             tls.shutdown(socket.SHUT_RDWR)
@@ -194,6 +209,7 @@ class GatewayProcess:
         upstream_ca: Path,
         gateway: Mapping[str, str | int] | None = None,
         relay: Mapping[str, str | int] | None = None,
+        wrap: Sequence[str] = (),
     ) -> None:
         directory.mkdir(parents=True, exist_ok=True)
         self.directory = directory
@@ -219,7 +235,7 @@ class GatewayProcess:
         self.config_path.write_text("\n".join(lines) + "\n")
         command = [str(VENV_BIN / "twist"), "--log-format=text", "acrrelay"]
         self.proc = subprocess.Popen(
-            [*command, "--config", str(self.config_path)],
+            [*wrap, *command, "--config", str(self.config_path)],
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
@@ -256,10 +272,22 @@ class GatewayProcess:
         text = text[: text.rfind("\n") + 1]
         return [json.loads(line) for line in text.splitlines() if line.strip()]
 
+    def seen(self, path: Path) -> Path:
+        """``path`` as the gateway sees it (through its own mount namespace, if wrapped)."""
+        return Path(f"/proc/{self.pid}/root{path}")
+
     def blob_path(self, digest: str) -> Path:
-        """Where the store keeps a complete blob (GATEWAY.md's layout)."""
+        """Where the store keeps a complete blob (GATEWAY.md's layout), as it sees it."""
         hexdigest = digest.removeprefix("sha256:")
-        return self.cache_dir / "blobs" / "sha256" / hexdigest[:2] / hexdigest
+        return self.seen(self.cache_dir / "blobs" / "sha256" / hexdigest[:2] / hexdigest)
+
+    def partial_files(self) -> list[Path]:
+        """The store's downloads in progress (``tmp/``), as it sees them."""
+        tmp = self.seen(self.cache_dir / "tmp")
+        return sorted(tmp.iterdir()) if tmp.is_dir() else []
+
+    def rss(self) -> int:
+        return int(psutil.Process(self.pid).memory_info().rss)
 
 
 # ---------------------------------------------------------------- the world
@@ -285,6 +313,7 @@ class GatewayWorld:
         self.address = world.netns.new_address()
         self.gateway: GatewayProcess | None = None
         self._starts = itertools.count()
+        self._proxies: list[FaultProxy] = []
         self._commands = itertools.count()
 
     def _certs_d(self, root: Path) -> Path:
@@ -293,24 +322,47 @@ class GatewayWorld:
             shutil.copyfile(self.ca_file, root / "certs.d" / host / "ca.crt")
         return root
 
-    def start_gateway(self, *, keep_cache: bool = False, **gateway: str | int) -> GatewayProcess:
+    def start_gateway(
+        self,
+        *,
+        keep_cache: bool = False,
+        proxy: FaultProxy | None = None,
+        cache_tmpfs: int | None = None,
+        **gateway: str | int,
+    ) -> GatewayProcess:
         """A gateway (the running one is stopped first) with these ``[gateway]`` keys, on
-        a fresh cache directory unless ``keep_cache``."""
+        a fresh cache directory unless ``keep_cache``; reaching the region relay through
+        ``proxy`` if given; with its cache on a tmpfs of ``cache_tmpfs`` bytes if given
+        (mounted in a private mount namespace of the gateway's: see ``seen()``)."""
         serial = next(self._starts)
         old = self.gateway
         if old is not None:
             old.stop()
         cache_dir = old.cache_dir if keep_cache and old else self.directory / f"cache{serial}"
+        cache_dir.mkdir(exist_ok=True)
+        wrap: list[str] = []
+        if cache_tmpfs is not None:
+            wrap = [
+                "unshare", "--mount", "--propagation", "private", "--", "sh", "-c",
+                f'mount -t tmpfs -o size={cache_tmpfs} tmpfs "$0" && exec "$@"', str(cache_dir),
+            ]  # fmt: skip
         self.gateway = GatewayProcess(
             self.directory / f"gateway{serial}",
             address=self.address,
-            backend=f"tcp:host={self.region.address}:port=443",
+            backend=proxy.endpoint if proxy else f"tcp:host={self.region.address}:port=443",
             ca_dir=self.ca_dir,
             cache_dir=cache_dir,
             upstream_ca=self.world.ca.ca_file,
             gateway=gateway,
+            wrap=wrap,
         )
         return self.gateway
+
+    def fault_proxy(self, *, rate: float | None = None) -> FaultProxy:
+        """A :class:`FaultProxy` to the region relay (for ``start_gateway(proxy=...)``)."""
+        proxy = FaultProxy((self.region.address, 443), rate=rate)
+        self._proxies.append(proxy)
+        return proxy
 
     def upstream_bytes(self, service: str = "oss", direction: str = "down") -> int:
         """Bytes that crossed the region relay for ``service`` (oss, registry, auth) so
@@ -426,6 +478,8 @@ class GatewayWorld:
     def close(self) -> None:
         if self.gateway is not None:
             self.gateway.stop()
+        for proxy in self._proxies:
+            proxy.close()
 
 
 __all__ = [
