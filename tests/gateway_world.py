@@ -25,6 +25,15 @@ redirects, the token service, moto on OSS's names) as the region side, and adds:
   byte-exact Python client (it counts and hashes every body byte it got, and says whether
   the connection ended cleanly).
 
+- **faults and disks**: ``fault_proxy()`` puts a :class:`tests.fault_proxy.FaultProxy`
+  on the gateway's upstream hop (``start_gateway(proxy=...)``: slow it, reset it at a
+  byte, refuse it); ``start_gateway(cache_tmpfs=N)`` puts the store on a tmpfs of N bytes
+  in the gateway's own mount namespace (``GatewayProcess.seen()`` looks inside).
+
+Fixtures (``tests.e2e_fixtures``): ``gateway_world`` (session), ``gateway`` (a fresh
+gateway per test), ``gateway_image`` (the big image as ``IMAGE:gateway``),
+``small_images`` (a 1 MiB layer in each of two repositories, tag ``small``).
+
 Clean-up: processes are stopped by PID in finalisers (``close()``); the namespace and the
 region relay belong to the registry world, which removes them.
 """
