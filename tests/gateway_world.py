@@ -80,8 +80,22 @@ GATEWAY_ROUTES = (REGISTRY, AUTH, OSS, OSS_WILDCARD)
 #: The region relay's routes per service, for counting bytes.
 SERVICE_ROUTES = {"oss": (OSS, OSS_WILDCARD), "registry": (REGISTRY,), "auth": (AUTH,)}
 START_TIMEOUT = 30.0
-_BYTES = re.compile(r"^acrrelay_bytes_total\{([^}]*)\} (\S+)$", re.M)
+_SAMPLE = re.compile(r"^(\w+)(?:\{([^}]*)\})? (\S+)$", re.M)
 _LABEL = re.compile(r'(\w+)="([^"]*)"')
+_METRICS_ON = re.compile(r"metrics on http://127\.0\.0\.1:(\d+)/metrics")
+
+
+def metric(port: int, name: str, **labels: str) -> float:
+    """The sum of the samples of ``name`` whose labels include ``labels``, from the
+    Prometheus page on 127.0.0.1:``port``; 0 if there is none."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as answer:
+        text = answer.read().decode()
+    total = 0.0
+    for got, label_text, value in _SAMPLE.findall(text):
+        found = dict(_LABEL.findall(label_text or ""))
+        if got == name and all(found.get(k) == v for k, v in labels.items()):
+            total += float(value)
+    return total
 
 
 def listening(address: str, port: int) -> bool:
@@ -98,15 +112,11 @@ def listening(address: str, port: int) -> bool:
 def relay_bytes(relay: NamespaceRelay, routes: Sequence[str], direction: str = "down") -> int:
     """The relay's live byte counter for ``routes`` in ``direction`` (its metrics page)."""
     assert relay.metrics_port is not None, "the relay has no metrics page"
-    url = f"http://127.0.0.1:{relay.metrics_port}/metrics"
-    with urllib.request.urlopen(url, timeout=10) as answer:
-        text = answer.read().decode()
-    total = 0
-    for labels, value in _BYTES.findall(text):
-        found = dict(_LABEL.findall(labels))
-        if found.get("direction") == direction and found.get("route") in routes:
-            total += int(float(value))
-    return total
+    port = relay.metrics_port
+    return sum(
+        int(metric(port, "acrrelay_bytes_total", route=route, direction=direction))
+        for route in routes
+    )
 
 
 # ---------------------------------------------------------------- a byte-exact client
@@ -239,6 +249,7 @@ class GatewayProcess:
         for name in GATEWAY_ROUTES:
             lines += ["", "[[route]]", f"name = {_toml_string(name)}"]
             lines += [f"backend = {_toml_string(backend)}"]
+        lines += ["", "[admin]", 'metrics = "tcp:0"']
         lines += ["", "[gateway]"]
         lines += [f"{key} = {_toml_value(value)}" for key, value in settings.items()]
         self.config_path.write_text("\n".join(lines) + "\n")
@@ -263,6 +274,12 @@ class GatewayProcess:
                     f"(exit {self.proc.returncode}); it said:\n{self.output.text()}"
                 )
             time.sleep(0.05)
+        # Its output so far is still queued: this finds the line however the two raced.
+        self.metrics_port = int(self.output.wait_for(_METRICS_ON, START_TIMEOUT).group(1))
+
+    def metric(self, name: str, **labels: str) -> float:
+        """A counter or gauge of the gateway's metrics page (see :func:`metric`)."""
+        return metric(self.metrics_port, name, **labels)
 
     @property
     def pid(self) -> int:

@@ -96,16 +96,19 @@ def _refused_as_the_registry(
     refusal (status, WWW-Authenticate, error code) and none of the layer's bytes."""
     status, headers, body = _registry_says(gw, method, path, token)
     assert status in (401, 403, 404), f"the registry itself allows {method} {path}: {status}"
+    assert gw.gateway is not None
+    denied = gw.gateway.metric("acrrelay_gateway_proofs_total", outcome="denied")
     got = gw.fetch(method, path, token=token)
     assert got.status == status, (got, status, headers, gw.diagnostics())
     assert got.headers.get("www-authenticate") == headers.get("www-authenticate"), got.headers
     assert got.size < 4096 and got.digest != layer, got
     assert "content-range" not in got.headers and "docker-content-digest" not in got.headers
     if method == "GET":
-        assert (
-            body
-            and json.loads(got.head)["errors"][0]["code"] == (json.loads(body)["errors"][0]["code"])
-        ), (got.head, body)
+        code = json.loads(body)["errors"][0]["code"]
+        assert json.loads(got.head)["errors"][0]["code"] == code, (got.head, body)
+        # The refusal came from a proof upstream (a HEAD is passed through as it is).
+        after = gw.gateway.metric("acrrelay_gateway_proofs_total", outcome="denied")
+        assert after == denied + 1, (denied, after)
     return got
 
 
@@ -195,6 +198,10 @@ def test_eight_concurrent_cold_pulls_move_the_layer_once_and_a_second_round_almo
     gw, image = gateway_world, gateway_image
     homes = _logged_in_homes(gw, tmp_path, 8)
     cold = _round(gw, image, homes, tmp_path)
+    served = {
+        kind: gateway.metric("acrrelay_gateway_requests_total", cache=kind)
+        for kind in ("hit", "miss", "coalesced")
+    }
     assert image.layer_size <= cold["upstream"] <= image.layer_size * 1.02 + MiB, cold
     warm = _round(gw, image, homes, tmp_path)
     # Registry and token service included: proofs, tag manifests, token requests.
@@ -203,6 +210,9 @@ def test_eight_concurrent_cold_pulls_move_the_layer_once_and_a_second_round_almo
         record_property(f"{name}_s", round(value["seconds"], 2))
         record_property(f"{name}_upstream_bytes", value["upstream"])
     print(f"\ngateway 8 pulls: cold {cold}, warm {warm}, layer {image.layer_size}")
+    # Two blobs (config and layer), eight times: each downloaded once; the rest shared
+    # that download or came from the store.
+    assert served["miss"] == 2 and sum(served.values()) == 16, served
 
 
 # ---------------------------------------------------------------- authorization
@@ -387,13 +397,14 @@ def test_a_flipped_byte_on_disk_is_found_and_the_layer_fetched_again(
     attempts = [gw.fetch("GET", path, token=token) for _ in range(2)]
     wrong = [a for a in attempts if a.complete and a.status == 200 and a.digest != layer]
     assert not wrong, f"a clean 200 with the flipped byte: {wrong}\n{gw.diagnostics()}"
-    # The first is served from the store, so it is the one cut, and by a TCP reset
-    # (GATEWAY.md: "RESET (never a clean end)"); a FIN would read as SSLEOFError.
+    assert gateway.metric("acrrelay_gateway_store_events_total", event="corrupt") == 1
+    # The first is served from the store, so it is the one cut, and (checked last) by a
+    # TCP reset (GATEWAY.md: "RESET (never a clean end)"); a FIN reads as SSLEOFError.
     assert not attempts[0].complete and attempts[0].size < image.layer_size, attempts[0]
-    assert "ConnectionResetError" in str(attempts[0].error), attempts[0].error
     assert attempts[-1].status == 200 and attempts[-1].digest == layer, attempts
     assert gw.upstream_bytes("oss") - before >= image.layer_size, "not fetched again"
     _wait(lambda: stored.exists() and sha256_file(stored) == layer, "the store repaired")
+    assert "ConnectionResetError" in str(attempts[0].error), attempts[0].error
 
 
 def test_a_push_through_the_gateway_arrives_intact(

@@ -108,6 +108,7 @@ def test_an_upstream_that_sends_wrong_bytes_leaves_nothing_in_the_store(
         assert gw.upstream_bytes("oss") - before >= image.layer_size - 64 * 1024
         assert not gateway.blob_path(image.layer_digest).exists()
         _wait(lambda: not gateway.partial_files(), "no partial file left")
+    assert gateway.metric("acrrelay_gateway_store_events_total", event="mismatch") == 2
 
 
 def test_an_upstream_reset_mid_download_cuts_all_three_waiters_and_the_next_downloads_afresh(
@@ -202,6 +203,7 @@ def test_a_cache_cap_smaller_than_two_layers_evicts_the_least_recently_used(
     assert got.complete and got.digest == b.layer_digest, got
     _wait(lambda: gateway.blob_path(b.layer_digest).exists(), "B stored")
     _wait(lambda: not gateway.blob_path(a.layer_digest).exists(), "A evicted")
+    assert gateway.metric("acrrelay_gateway_store_evictions_total") >= 1
     before = gw.upstream_bytes("oss")
     got = gw.fetch("GET", _blob(a), token=token_a)
     assert got.complete and got.digest == a.layer_digest, got
@@ -222,6 +224,7 @@ def test_a_full_filesystem_passes_through_and_counts_it(
     entries = [e for e in gateway.access_entries() if e.get("target") == _blob(image)]
     assert [e.get("cache") for e in entries] == ["bypass"], entries
     assert not gateway.blob_path(image.layer_digest).exists()
+    assert gateway.metric("acrrelay_gateway_requests_total", cache="bypass") == 1
 
 
 def test_a_slow_reader_slows_only_itself(
