@@ -18,7 +18,8 @@ from typing import Any
 import pytest
 
 from tests.e2e_support import MiB
-from tests.gateway_world import Fetch, GatewayProcess, GatewayWorld
+from tests.gateway_world import GatewayProcess, GatewayWorld
+from tests.https_fetch import Fetch
 from tests.registry_world import (
     BUCKET,
     IMAGE_REPOSITORY,

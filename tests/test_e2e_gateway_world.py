@@ -18,7 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.gateway_world import CLIENT_NAMES, GatewayWorld, tls_context
+from tests.gateway_world import CLIENT_NAMES, GatewayWorld
+from tests.https_fetch import tls_context
 from tests.registry_world import (
     IMAGE,
     IMAGE_REPOSITORY,
