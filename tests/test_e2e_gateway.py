@@ -305,9 +305,14 @@ def test_a_manifest_by_digest_is_served_and_refused_as_the_registry_does(
     for repository in (IMAGE_REPOSITORY, OTHER_REPOSITORY):
         got = _manifest(gw, repository, a, token_b)
         path = f"/v2/{repository}/manifests/{a.manifest_digest}"
-        status, _, _ = _registry_says(gw, "GET", path, token_b)
+        status, headers, body = _registry_says(gw, "GET", path, token_b)
         assert got.status == status and status in (401, 404), (got, status)
         assert got.digest != a.manifest_digest and got.size < 4096, got
+        # The registry's error document too: docker reads it ("error parsing HTTP 404
+        # response body" when it is empty).
+        assert got.headers.get("www-authenticate") == headers.get("www-authenticate"), got
+        code = json.loads(body)["errors"][0]["code"]
+        assert got.head and json.loads(got.head)["errors"][0]["code"] == code, (got, body)
 
 
 def test_skopeo_pulls_an_image_by_manifest_digest_through_the_gateway(
