@@ -20,7 +20,10 @@ from tests.e2e_support import (
     Relay,
     TestCA,
 )
+from tests.gateway_world import GatewayProcess, GatewayWorld
 from tests.registry_world import (
+    IMAGE_REPOSITORY,
+    OTHER_REPOSITORY,
     LocalImage,
     RegistryWorld,
     build_oci_image,
@@ -136,3 +139,58 @@ def registry_image(tmp_path_factory: pytest.TempPathFactory) -> LocalImage:
     """An OCI image on disk whose gzip'd layer holds ``$ACRRELAY_E2E_LAYER_MB`` MiB
     (default 200) of random data."""
     return build_oci_image(tmp_path_factory.mktemp("oci-image"), layer_bytes_from_env())
+
+
+@pytest.fixture(scope="session")
+def small_images(
+    registry_world: RegistryWorld, tmp_path_factory: pytest.TempPathFactory
+) -> dict[str, LocalImage]:
+    """A small image (1 MiB layer) pushed as ``:small`` to each of ``IMAGE_REPOSITORY``
+    and ``OTHER_REPOSITORY``, each with its own layer: repository -> image."""
+    directory = tmp_path_factory.mktemp("small-images")
+    images = {}
+    for seed, repository in enumerate((IMAGE_REPOSITORY, OTHER_REPOSITORY), start=10):
+        image = build_oci_image(directory / str(seed), 1024 * 1024, tag="small", seed=seed)
+        registry_world.push(image, "small", home=directory / "home", repository=repository)
+        images[repository] = image
+    return images
+
+
+# ---------------------------------------------------------------- the gateway's world
+
+
+@pytest.fixture(scope="session")
+def gateway_world(
+    registry_world: RegistryWorld, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[GatewayWorld]:
+    """The gateway chain on the registry world: its own region relay (metrics on), the
+    gateway CA, client certs.d, and an address for the gateway (``tests/gateway_world.py``);
+    no gateway runs until ``start_gateway()`` or the ``gateway`` fixture."""
+    world = GatewayWorld(registry_world, tmp_path_factory.mktemp("gateway-world"))
+    try:
+        yield world
+    finally:
+        world.close()
+
+
+@pytest.fixture
+def gateway(gateway_world: GatewayWorld) -> Iterator[GatewayProcess]:
+    """A fresh gateway with default settings and an empty cache, stopped after the test."""
+    process = gateway_world.start_gateway()
+    try:
+        yield process
+    finally:
+        process.stop()
+
+
+@pytest.fixture(scope="session")
+def gateway_image(
+    registry_world: RegistryWorld,
+    registry_image: LocalImage,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> LocalImage:
+    """The big image (``registry_image``) pushed through the world's relay as
+    ``IMAGE:gateway``."""
+    home = tmp_path_factory.mktemp("gateway-image-home")
+    registry_world.push(registry_image, "gateway", home=home)
+    return registry_image

@@ -9,7 +9,12 @@ is a real server on loopback, with a certificate from a test CA:
   presigned URL on the OSS name), TLS on ``127.0.0.1:<port>``. It runs in a private
   mount namespace whose ``/etc/hosts`` maps the OSS name to the S3 server's side address.
 - **the token service** (the Bearer realm) ``dockerauth-vpc.cn-beijing.aliyuncs.com``:
-  ``tests/token_service.py``, fixed user and password, ES256 JWTs with ``x5c``.
+  ``tests/token_service.py``, ES256 JWTs with ``x5c``, for the users of a file the
+  test writes (``world.users``: add a user with per-repository rights, change its token
+  lifetime, revoke it); ``USER`` may pull and push every ``acrrelay-e2e/*`` repository,
+  among them ``IMAGE_REPOSITORY`` and ``OTHER_REPOSITORY``. ``world.token()`` asks the
+  service for a token, ``world.mint_token()`` signs one here (expired, say), and
+  ``world.registry_request()`` sends one request to the registry with a token.
 - **OSS** ``oss-cn-beijing-internal.aliyuncs.com`` (and the bucket host under it): moto's
   S3 behind TLS (``tests/s3_server.py``), on ``127.0.0.1:<port>`` for the relay and on
   ``127.213.x.y:443`` for the registry, so redirect URLs carry the bare name.
@@ -40,6 +45,7 @@ Clean-up: every process is stopped by its PID, and the namespace, its veth and
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import datetime
 import gzip
@@ -57,6 +63,7 @@ import subprocess
 import sys
 import tarfile
 import time
+import urllib.parse
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -78,6 +85,7 @@ from tests.e2e_support import (
     stop_process,
     wait_listening,
 )
+from tests.token_service import TokenSigner, Users, parse_scope
 
 HERE = Path(__file__).resolve().parent
 TOKEN_SCRIPT = HERE / "token_service.py"
@@ -101,6 +109,9 @@ PASSWORD = "a long e2e password"
 #: ACR repositories are <namespace>/<name>.
 IMAGE_REPOSITORY = "acrrelay-e2e/big-layer"
 IMAGE = f"{REGISTRY}/{IMAGE_REPOSITORY}"
+#: A second repository: a token for one must not reach the other's blobs.
+OTHER_REPOSITORY = "acrrelay-e2e/other"
+OTHER_IMAGE = f"{REGISTRY}/{OTHER_REPOSITORY}"
 
 NETNS_PREFIX = "acrw"
 _NETNS_NAME = re.compile(rf"^{NETNS_PREFIX}(\d+)n\d+$")
@@ -535,6 +546,11 @@ class RegistryWorld:
         self.home.mkdir()
         self.ca = TestCA(directory / "ca", NAMES)
         self.signer_key, self.signer_cert = _signer(directory / "signer")
+        #: Signs tokens here, as the token service does (``mint_token``).
+        self.signer = TokenSigner.from_files(self.signer_key, self.signer_cert, ISSUER, SERVICE)
+        #: The token service's users; it reads the file again on every request.
+        self.users = Users(directory / "users.json")
+        self.users.add(USER, PASSWORD, {f"{USER}/*": ["pull", "push"]})
         env = clean_env(self.home)
 
         self.token_service = self._server(
@@ -543,7 +559,7 @@ class RegistryWorld:
                 sys.executable, str(TOKEN_SCRIPT),
                 str(self.ca.directory / f"{AUTH}.pem"), str(self.ca.directory / f"{AUTH}.key"),
                 str(self.signer_key), str(self.signer_cert),
-                ISSUER, SERVICE, USER, PASSWORD,
+                ISSUER, SERVICE, str(self.users.path),
             ],
             env=env,
             ready=_READY,
@@ -698,17 +714,64 @@ class RegistryWorld:
         home: Path,
         hosts: Mapping[str, str] | None = None,
         timeout: float = 300.0,
+        repository: str = IMAGE_REPOSITORY,
     ) -> str:
-        """Log in and push ``image`` as ``IMAGE:tag`` through the relay (or the one
-        ``hosts`` names); the image's name in the registry. Fails with diagnostics."""
+        """Log in and push ``image`` as ``REGISTRY/repository:tag`` through the relay (or the
+        one ``hosts`` names); the image's name in the registry. Fails with diagnostics."""
         self.login(home, hosts=hosts)
-        name = f"{IMAGE}:{tag}"
+        name = f"{REGISTRY}/{repository}:{tag}"
         result = self.skopeo(
             ["copy", image.reference, f"docker://{name}"], home=home, hosts=hosts, timeout=timeout
         )
         if result.returncode != 0:
             raise AssertionError(self.failure(f"skopeo copy (push {name})", result))
         return name
+
+    def request_token(
+        self, user: str, password: str, scopes: Sequence[str]
+    ) -> tuple[int, dict[str, Any]]:
+        """Ask the token service (directly, on loopback) for ``scopes`` as docker does:
+        (status, JSON answer)."""
+        query = urllib.parse.urlencode([("service", SERVICE), *(("scope", s) for s in scopes)])
+        basic = base64.b64encode(f"{user}:{password}".encode()).decode()
+        status, _, body = https_request(
+            self.ca, self.token_port, AUTH, "GET", f"/auth?{query}",
+            headers={"Authorization": f"Basic {basic}"},
+        )  # fmt: skip
+        return status, json.loads(body)
+
+    def token(self, user: str, password: str, scopes: Sequence[str]) -> str:
+        """A token from the token service for ``scopes``; fails unless it grants one."""
+        status, answer = self.request_token(user, password, scopes)
+        assert status == 200, f"token for {user} {list(scopes)}: {status} {answer}"
+        return str(answer["token"])
+
+    def mint_token(self, user: str, scopes: Sequence[str], *, lifetime: int) -> str:
+        """A token signed here with the service's key, granting ``scopes`` whole, valid
+        ``lifetime`` seconds from now (negative: expired already)."""
+        access = [a for a in map(parse_scope, scopes) if a is not None]
+        return self.signer.token(user, access, lifetime=lifetime)
+
+    def registry_request(
+        self,
+        method: str,
+        path: str,
+        *,
+        token: str | None = None,
+        headers: Mapping[str, str] | None = None,
+        port: int | None = None,
+        host: str = "127.0.0.1",
+        ca: TestCA | None = None,
+    ) -> tuple[int, dict[str, str], bytes]:
+        """One request to the registry (directly, or to ``host:port`` as the registry's
+        name, trusting ``ca``) with ``Bearer token`` if given: (status, headers, body)."""
+        sent = dict(headers or {})
+        if token is not None:
+            sent["Authorization"] = f"Bearer {token}"
+        return https_request(
+            ca or self.ca, port or self.registry_port, REGISTRY, method, path,
+            host=host, headers=sent,
+        )  # fmt: skip
 
     def failure(self, what: str, result: subprocess.CompletedProcess[str]) -> str:
         """A failure message: the command's outcome and output, then ``diagnostics()``."""
@@ -880,6 +943,8 @@ __all__ = [
     "NAMES",
     "OSS",
     "OSS_WILDCARD",
+    "OTHER_IMAGE",
+    "OTHER_REPOSITORY",
     "PASSWORD",
     "REALM",
     "REGISTRY",

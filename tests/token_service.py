@@ -1,22 +1,34 @@
 """A registry token service (the Bearer realm) for the end-to-end world: stdlib only.
 
-It does what ACR's ``dockerauth`` does for docker-registry's ``auth: token``: checks
-one fixed user and password and grants whatever scope is asked, as a JWT that
-distribution 2.8 accepts (``registry/auth/token``):
+It does what ACR's ``dockerauth`` does for docker-registry's ``auth: token``: checks a
+user and password, and grants of the asked scope what that user's rights allow, as a JWT
+that distribution 2.8 accepts (``registry/auth/token``):
 
 - header ``alg`` ES256 (the signature is ``r || s``, not DER), ``x5c`` = [the signer's
   certificate] (verified against ``rootcertbundle``), ``kid`` = the libtrust key ID;
 - claims ``iss`` = the issuer, ``aud`` = the service (one string: 2.8 compares a
   string), ``exp``/``nbf``/``iat``, ``sub``, ``jti``, and ``access`` =
-  ``[{"type", "name", "actions"}]`` from the requested scopes.
+  ``[{"type", "name", "actions"}]``: each requested scope cut down to the user's rights
+  (a scope with no action left is dropped, so the registry answers 401
+  ``insufficient_scope``, as ACR's does for a repository the user may not read).
+
+**Users** live in a JSON file (:class:`Users` writes it) that the service reads again on
+every request, so a test changes rights, lifetimes or revokes a user by writing it, and
+the very next token request sees the change:
+``{"token_seconds": 600, "users": {NAME: {"password", "rights": {PATTERN: [ACTION...]},
+"token_seconds"?, "revoked"?}}}``. ``PATTERN`` is an ``fnmatch`` pattern on the
+repository name (``acrrelay-e2e/*``); ``"*"`` as an action grants every asked action. A
+revoked or unknown user, or a wrong password, gets 401; so does a revoked user's refresh
+token. ``token_seconds`` (per user, else the file's) is ``expires_in`` and ``exp - iat``.
 
 ``GET /auth?service=…&scope=…`` with Basic auth is docker's and skopeo's way;
 ``POST /auth`` with an OAuth2 form (``grant_type=password|refresh_token``) is
 containerd's and buildkit's. Both answer ``token`` and ``access_token`` (equal) and
-``expires_in``; an offline request also gets a ``refresh_token``.
+``expires_in``; an offline request also gets a ``refresh_token``. A test mints a token
+itself (expired, or for any access) with :class:`TokenSigner` and the signer's key.
 
 Run as a script: ``token_service.py CERT KEY SIGNING_KEY SIGNING_CERT ISSUER SERVICE
-USER PASSWORD``. It serves TLS on 127.0.0.1 port 0, prints ``READY <port>``, then one
+USERS_FILE``. It serves TLS on 127.0.0.1 port 0, prints ``READY <port>``, then one
 ``REQUEST <method> <path> <status> <user> <scopes>`` line per request, and stops when
 its standard input closes (or on SIGTERM).
 """
@@ -25,8 +37,10 @@ from __future__ import annotations
 
 import base64
 import binascii
+import fnmatch
 import hashlib
 import json
+import os
 import secrets
 import ssl
 import sys
@@ -42,7 +56,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 
-#: Token lifetime (ACR's tokens live 600 s) and how far ``nbf`` reaches back (ACR: 300 s).
+#: Default token lifetime (ACR's tokens live 600 s) and how far ``nbf`` reaches back (ACR:
+#: 300 s).
 TOKEN_SECONDS = 600
 NOT_BEFORE_SLACK = 300
 
@@ -70,6 +85,74 @@ def parse_scope(scope: str) -> dict[str, Any] | None:
     return {"type": kind, "name": name, "actions": [a for a in actions.split(",") if a]}
 
 
+class Users:
+    """The users file: the test side writes it, the service reads it on every request.
+
+    Every write replaces the file whole (a temporary file, then ``os.replace``), so the
+    service never reads half of one; once a method returns, the next token request sees it.
+    """
+
+    def __init__(self, path: Path, token_seconds: int = TOKEN_SECONDS) -> None:
+        self.path = path
+        if not path.exists():
+            self._write({"token_seconds": token_seconds, "users": {}})
+
+    def read(self) -> dict[str, Any]:
+        return dict(json.loads(self.path.read_text()))
+
+    def _write(self, document: dict[str, Any]) -> None:
+        partial = self.path.with_name(self.path.name + ".partial")
+        partial.write_text(json.dumps(document, indent=2))
+        os.replace(partial, self.path)
+
+    def _change(self, name: str, **fields: Any) -> None:
+        document = self.read()
+        assert name in document["users"], f"no user {name!r} in {self.path}"
+        document["users"][name].update(fields)
+        self._write(document)
+
+    def add(
+        self,
+        name: str,
+        password: str,
+        rights: dict[str, list[str]],
+        *,
+        token_seconds: int | None = None,
+    ) -> None:
+        """Add (or replace) a user with ``rights``: repository pattern -> actions."""
+        document = self.read()
+        user: dict[str, Any] = {"password": password, "rights": rights}
+        if token_seconds is not None:
+            user["token_seconds"] = token_seconds
+        document["users"][name] = user
+        self._write(document)
+
+    def set_rights(self, name: str, rights: dict[str, list[str]]) -> None:
+        self._change(name, rights=rights)
+
+    def set_token_seconds(self, name: str, seconds: int) -> None:
+        self._change(name, token_seconds=seconds)
+
+    def revoke(self, name: str) -> None:
+        """The user can no longer get a token (nor refresh one); tokens issued live on."""
+        self._change(name, revoked=True)
+
+    def restore(self, name: str) -> None:
+        self._change(name, revoked=False)
+
+
+def granted(rights: dict[str, list[str]], scope: dict[str, Any]) -> dict[str, Any] | None:
+    """``scope`` (a parsed access entry) cut down to ``rights``; None if nothing is left."""
+    allowed: set[str] = set()
+    for pattern, actions in rights.items():
+        kind, _, name = pattern.rpartition(":") if ":" in pattern else ("repository", "", pattern)
+        if kind == scope["type"] and fnmatch.fnmatchcase(scope["name"], name):
+            allowed.update(actions)
+    asked = scope["actions"]
+    actions = list(asked) if "*" in allowed else [a for a in asked if a in allowed]
+    return {**scope, "actions": actions} if actions else None
+
+
 class TokenSigner:
     """Signs registry tokens with an EC P-256 key and its certificate."""
 
@@ -83,14 +166,26 @@ class TokenSigner:
         self.issuer = issuer
         self.service = service
 
-    def token(self, subject: str, access: list[dict[str, Any]], now: float | None = None) -> str:
+    @classmethod
+    def from_files(cls, key: Path, cert: Path, issuer: str, service: str) -> TokenSigner:
+        return cls(key.read_bytes(), cert.read_bytes(), issuer, service)
+
+    def token(
+        self,
+        subject: str,
+        access: list[dict[str, Any]],
+        now: float | None = None,
+        lifetime: int = TOKEN_SECONDS,
+    ) -> str:
+        """A signed token for ``access``, issued at ``now``, valid ``lifetime`` seconds (a
+        negative lifetime gives a token that expired already)."""
         issued = int(time.time() if now is None else now)
         header = {"typ": "JWT", "alg": "ES256", "kid": self.kid, "x5c": self.x5c}
         claims = {
             "iss": self.issuer,
             "sub": subject,
             "aud": self.service,
-            "exp": issued + TOKEN_SECONDS,
+            "exp": issued + lifetime,
             "nbf": issued - NOT_BEFORE_SLACK,
             "iat": issued,
             "jti": secrets.token_hex(16),
@@ -110,13 +205,10 @@ class TokenSigner:
 class TokenServer(ThreadingHTTPServer):
     daemon_threads = True
 
-    def __init__(
-        self, address: tuple[str, int], signer: TokenSigner, user: str, password: str
-    ) -> None:
+    def __init__(self, address: tuple[str, int], signer: TokenSigner, users: Users) -> None:
         super().__init__(address, _Handler)
         self.signer = signer
-        self.user = user
-        self.password = password
+        self.users = users
         self.refresh_tokens: dict[str, str] = {}
         self.lock = threading.Lock()
         self.tls: ssl.SSLContext | None = None
@@ -182,12 +274,16 @@ class _Handler(BaseHTTPRequestHandler):
         if service != self.server.signer.service:
             self._reply(400, {"errors": [{"code": "DENIED", "message": f"service {service!r}"}]})
             return
-        access = [entry for entry in map(parse_scope, scopes) if entry is not None]
-        token = self.server.signer.token(user, access)
+        document = self.server.users.read()
+        entry = document["users"][user]
+        asked = [scope for scope in map(parse_scope, scopes) if scope is not None]
+        access = [a for a in (granted(entry["rights"], scope) for scope in asked) if a]
+        lifetime = int(entry.get("token_seconds", document["token_seconds"]))
+        token = self.server.signer.token(user, access, lifetime=lifetime)
         body: dict[str, Any] = {
             "token": token,
             "access_token": token,
-            "expires_in": TOKEN_SECONDS,
+            "expires_in": lifetime,
             "issued_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }
         if offline:
@@ -197,9 +293,13 @@ class _Handler(BaseHTTPRequestHandler):
             body["refresh_token"] = refresh
         self._reply(200, body, user, ",".join(scopes) or "-")
 
-    def _known(self, user: str, password: str) -> bool:
-        return secrets.compare_digest(
-            f"{user}\0{password}".encode(), f"{self.server.user}\0{self.server.password}".encode()
+    def _known(self, user: str, password: str | None) -> bool:
+        """The user exists and is not revoked, and (unless None) the password is theirs."""
+        entry = self.server.users.read()["users"].get(user)
+        if entry is None or entry.get("revoked"):
+            return False
+        return password is None or secrets.compare_digest(
+            password.encode(), str(entry["password"]).encode()
         )
 
     def do_GET(self) -> None:
@@ -239,7 +339,7 @@ class _Handler(BaseHTTPRequestHandler):
         elif grant == "refresh_token":
             with self.server.lock:
                 found = self.server.refresh_tokens.get(field("refresh_token"))
-            if found is None:
+            if found is None or not self._known(found, None):
                 self._denied("unknown refresh token")
                 return
             user = found
@@ -252,11 +352,9 @@ class _Handler(BaseHTTPRequestHandler):
 
 
 def main(argv: list[str]) -> None:
-    cert, key, signing_key, signing_cert, issuer, service, user, password = argv
-    signer = TokenSigner(
-        Path(signing_key).read_bytes(), Path(signing_cert).read_bytes(), issuer, service
-    )
-    server = TokenServer(("127.0.0.1", 0), signer, user, password)
+    cert, key, signing_key, signing_cert, issuer, service, users_file = argv
+    signer = TokenSigner.from_files(Path(signing_key), Path(signing_cert), issuer, service)
+    server = TokenServer(("127.0.0.1", 0), signer, Users(Path(users_file)))
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.load_cert_chain(cert, key)
     server.tls = context
