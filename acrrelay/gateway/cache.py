@@ -122,6 +122,14 @@ class BlobPath:
             if response.code == 200:
                 _drain(response)
                 return None
+            if exchange.method == "GET":
+                # The registry's refusal has a body (its error JSON, which docker parses) that
+                # an answer to HEAD cannot carry: ask again as the client did.
+                _drain(response)
+                response = await self.upstream.request(b"GET", url, headers)
+                if response.code == 200:
+                    _drain(response)
+                    return None
             return response
         headers.addRawHeader(b"range", b"bytes=0-0")
         response = await self.upstream.request(b"GET", url, headers)

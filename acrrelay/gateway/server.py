@@ -21,6 +21,8 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from acrrelay.transports import linger_zero, tcp_transport
+
 __all__ = ["Exchange", "GatewayHTTP", "GatewayHTTPFactory", "Handler"]
 
 _log = Logger(namespace="acrrelay.gateway.server")
@@ -157,7 +159,7 @@ class Exchange:
             return
         self.finished = True
         self.detail = why
-        self._connection.transport.abortConnection()
+        reset(self._connection.transport)
         self._connection.exchange_done(self, why)
 
     def register_producer(self, producer: Any) -> None:
@@ -309,7 +311,7 @@ class GatewayHTTP(Protocol):
                 pass
             self.transport.loseConnection()
         else:
-            self.transport.abortConnection()
+            reset(self.transport)
 
     # -- what exchanges call
 
@@ -427,3 +429,12 @@ class GatewayHTTPFactory(Factory):
         )
         protocol.factory = self
         return protocol
+
+
+def reset(transport: Any) -> None:
+    """Cut a client's connection with a TCP RESET, never a FIN: under TLS a FIN after a
+    short body could pass for a finished answer. The socket is the TCP transport's, under
+    the TLS one; SO_LINGER 0 makes the close send a RST, as the relay does."""
+    tcp = getattr(transport, "transport", None)  # TLSMemoryBIOProtocol wraps the TCP one
+    linger_zero(tcp_transport(tcp if tcp is not None else transport))
+    transport.abortConnection()
