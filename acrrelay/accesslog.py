@@ -30,6 +30,8 @@ FIELDS: Final = (
     "target",
     "sni",
     "method",
+    "status",  # the gateway's HTTP answer
+    "cache",  # the gateway's blob path: hit, miss, coalesced or bypass
     "user",
     "alpn",
     "ech",

@@ -122,6 +122,12 @@ def makeService(options: Options) -> IService:
     from twisted.internet import reactor
 
     path, overlay = options["config"], options.overlay()
+    if path is not None:  # a file with a [gateway] table runs the gateway role
+        from acrrelay.gateway.service import gateway_service_for
+
+        gateway = gateway_service_for(path, overlay, reactor)
+        if gateway is not None:
+            return gateway
     try:
         config = load_config(path, overlay)
     except ConfigError as e:
