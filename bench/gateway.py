@@ -148,6 +148,13 @@ def pull(
     }
 
 
+def log_problems(server: Server, limit: int = 8) -> str:
+    """The last warnings and errors in a server's log (not Twisted's factory chatter)."""
+    lines = server.log_tail(200_000).splitlines()
+    bad = [ln for ln in lines if any(k in ln for k in ("#warn", "#error", "#crit", "Error"))]
+    return " / ".join(bad[-limit:]) or "(nothing logged)"
+
+
 def procs_cores() -> int:
     import os
 
@@ -257,7 +264,7 @@ def _pulls(world: _World, outcome: GatewayOutcome) -> Server | None:
         through = pull(n, gateway.port, files.ca_file, world.image, world.watched(gateway),
                        world.shaper, top)  # fmt: skip
         if not through["ok"]:
-            through["errors"].append("gateway log tail: " + gateway.log_tail(1500))
+            through["errors"].append("gateway log: " + log_problems(gateway))
         outcome.pulls.append({"path": "gateway", **through})
         log(f"N={n} gateway: {through['seconds']:.1f} s, {through['x_image']:.2f}x image, "
             f"ok={through['ok']} {' '.join(through['errors'])[:300]}")  # fmt: skip
@@ -272,8 +279,11 @@ def _hits(world: _World, gateway: Server | None, outcome: GatewayOutcome) -> Non
     rounds = plan.hit_rounds
     if gateway is not None:
         gw_ca = Path(str(gateway.directory / "gateway-ca" / "ca.crt"))
+        before = world.shaper.counts()["down"]
         outcome.hits.append(hit("gateway (warm store)", gateway, gw_ca, blob_url, auth, image,
                                 rounds))  # fmt: skip
+        # Bytes over the line while the gateway served hits: the proof, never the layer.
+        outcome.hits[-1]["line_down"] = world.shaper.counts()["down"] - before
         world.stop(gateway)
     cache = world.keep(g.start_proxy_cache(world.ca, world.registry.port, top / "proxy-cache"))
     settle(cache)

@@ -117,6 +117,10 @@ def _hits(outcome: Any) -> list[str]:
             f"{h['server_cpu_s_per_gib']:.2f} | {h['client_cpu_s_per_gib']:.2f} | "
             f"{h.get('x_cache', '')} |"
         )
+    gw = next((h for h in outcome.hits if h["name"].startswith("gateway") and h["ok"]), None)
+    if gw is not None and "line_down" in gw:
+        lines += ["", f"Bytes over the line while the gateway served its hits: "
+                  f"{gw['line_down']} (proofs only, no layer bytes)."]  # fmt: skip
     return lines + ["", f"Kernel TLS (kTLS): {outcome.facts['ktls']}.", ""]
 
 

@@ -83,8 +83,7 @@ def serve_twisted(port: int, cert: str, key: str, path: Path) -> None:
             done = FileSender().beginFileTransfer(f, self.transport)
             done.addBoth(lambda _: (f.close(), self.transport.loseConnection()))
 
-    pem = Path(cert).read_bytes() + Path(key).read_bytes()
-    options = tssl.PrivateCertificate.loadPEM(pem).options()
+    options = tssl.DefaultOpenSSLContextFactory(key, cert)
     reactor.listenSSL(port, Factory.forProtocol(OneFile), options, interface="127.0.0.1")  # type: ignore[attr-defined]
     reactor.run()  # type: ignore[attr-defined]
 
