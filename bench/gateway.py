@@ -103,8 +103,9 @@ def pull(
                *image.blob_args()]  # fmt: skip
     env = {**clean_env(home), "PYTHONPATH": str(REPO)}
     clients = [
-        subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-                         env=env, cwd=home)  # fmt: skip
+        subprocess.Popen(
+            command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env, cwd=home
+        )
         for _ in range(n)
     ]
     try:
@@ -151,7 +152,8 @@ def pull(
 def log_problems(server: Server, limit: int = 8) -> str:
     """The last warnings and errors in a server's log (not Twisted's factory chatter)."""
     lines = server.log_tail(200_000).splitlines()
-    bad = [ln for ln in lines if any(k in ln for k in ("#warn", "#error", "#crit", "Error"))]
+    keys = ("#warn", "#error", "#crit", "Error", "failed")
+    bad = [ln for ln in lines if any(k in ln for k in keys)]
     return " / ".join(bad[-limit:]) or "(nothing logged)"
 
 
@@ -174,7 +176,7 @@ def curl_get(
     )  # fmt: skip
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     cpu = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
-    status, size, seconds, *cache = (done.stdout.split() + ["", "0", "0"])[:4]
+    status, size, seconds, *cache = [*done.stdout.split(), "", "0", "0"][:4]
     return status, int(size), float(seconds), (cache[0] if cache else ""), cpu
 
 
@@ -255,7 +257,7 @@ def _pulls(world: _World, outcome: GatewayOutcome) -> Server | None:
         files = g.gateway_files(directory, world.ca, world.shaper.server.port, "8GiB")
         try:
             gateway = world.keep(g.start_gateway(files, directory))
-        except Exception as e:  # noqa: BLE001 (start-up failures become a reported row)
+        except Exception as e:  # start-up failures become a reported row
             outcome.pulls.append({"path": "gateway", "n": n, "ok": False, "errors": [str(e)]})
             log(f"N={n} gateway did not start: {e}")
             gateway = None

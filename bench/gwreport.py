@@ -72,7 +72,7 @@ def _goals(outcome: Any) -> list[str]:
         f"- hit throughput at least 0.5x nginx proxy_cache: "
         f"**{'met' if hr is not None and hr >= 0.5 else 'missed'}** ({_f(hr, '.2f')}x)"
     )
-    return lines + [""]
+    return [*lines, ""]
 
 
 def _where(outcome: Any) -> list[str]:
@@ -92,7 +92,7 @@ def _where(outcome: Any) -> list[str]:
             f"the machine was busy {p['machine_busy_cores']:.2f} cores + "
             f"{p['softirq_cores']:.2f} in interrupts"
         )
-    return lines + [""]
+    return [*lines, ""]
 
 
 def _cores(outcome: Any) -> str:
@@ -104,7 +104,7 @@ def _hits(outcome: Any) -> list[str]:
     lines = [
         "## A hit: one client reading the cached layer over TLS",
         "",
-        "| server | MB/s | × nginx proxy_cache | server CPU s/GiB | client CPU s/GiB | X-Cache |",
+        "| server | MB/s | x nginx proxy_cache | server CPU s/GiB | client CPU s/GiB | X-Cache |",
         "|---|---:|---:|---:|---:|---|",
     ]
     for h in outcome.hits:
@@ -121,7 +121,7 @@ def _hits(outcome: Any) -> list[str]:
     if gw is not None and "line_down" in gw:
         lines += ["", f"Bytes over the line while the gateway served its hits: "
                   f"{gw['line_down']} (proofs only, no layer bytes)."]  # fmt: skip
-    return lines + ["", f"Kernel TLS (kTLS): {outcome.facts['ktls']}.", ""]
+    return [*lines, "", f"Kernel TLS (kTLS): {outcome.facts['ktls']}.", ""]
 
 
 def markdown(outcome: Any) -> str:
@@ -147,19 +147,19 @@ def markdown(outcome: Any) -> str:
         "client is done. Bytes = shaper's bytes towards the clients. CPU = utime + stime "
         "from /proc (clients: their own getrusage).",
         "",
-        "| N | path | time s | MiB over the line | × image | relay alone ÷ gateway time "
+        "| N | path | time s | MiB over the line | x image | relay alone ÷ gateway time "
         "| CPU s gateway | relay | shaper | nginx upstream | clients | machine busy cores "
         "| softirq cores |",
         "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     rows = [
-        _row(p, _ratio(outcome, p["n"]) if p["path"] == "gateway" else None)
-        for p in outcome.pulls
+        _row(p, _ratio(outcome, p["n"]) if p["path"] == "gateway" else None) for p in outcome.pulls
     ]
     notes = ["## Notes", "", *(f"- {n}" for n in outcome.notes)] if outcome.notes else []
-    return "\n".join(
-        head + rows + [""] + _goals(outcome) + _where(outcome) + _hits(outcome) + notes
-    ) + "\n"
+    return (
+        "\n".join(head + rows + [""] + _goals(outcome) + _where(outcome) + _hits(outcome) + notes)
+        + "\n"
+    )
 
 
 def write(outcome: Any, directory: Path) -> str:

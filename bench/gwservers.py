@@ -265,8 +265,9 @@ class Shaper:
 
 def start_shaper(directory: Path, target_port: int, rate: float) -> Shaper:
     port, control = free_port(), free_port()
+    target = f"127.0.0.1:{target_port}"
     command = [sys.executable, "-m", "bench.shaper", "--listen", str(port), "--control",
-               str(control), "--target", f"127.0.0.1:{target_port}", "--rate", str(rate)]  # fmt: skip
+               str(control), "--target", target, "--rate", str(rate)]  # fmt: skip
     server = launch("shaper", command, directory, port, env={"PYTHONPATH": str(REPO)})
     return Shaper(server, control)
 

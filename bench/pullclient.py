@@ -62,9 +62,9 @@ def _get(
     return response.status, {k.lower(): v for k, v in response.getheaders()}, response, conn
 
 
-def _small(port: int, context: ssl.SSLContext, url: str, headers: dict[str, str]) -> tuple[
-    int, dict[str, str], bytes
-]:
+def _small(
+    port: int, context: ssl.SSLContext, url: str, headers: dict[str, str]
+) -> tuple[int, dict[str, str], bytes]:
     status, head, response, conn = _get(port, context, url, headers)
     body = response.read()
     conn.close()

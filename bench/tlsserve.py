@@ -61,7 +61,8 @@ def serve_stdlib(port: int, cert: str, key: str, path: Path) -> None:
 
 
 def serve_twisted(port: int, cert: str, key: str, path: Path) -> None:
-    from twisted.internet import reactor, ssl as tssl
+    from twisted.internet import reactor
+    from twisted.internet import ssl as tssl
     from twisted.internet.protocol import Factory, Protocol
     from twisted.protocols.basic import FileSender
 
