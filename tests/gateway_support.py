@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import http.client
 import socket
+import ssl
 from pathlib import Path
 from typing import Any
 
@@ -166,8 +167,13 @@ def serve_gateway(ca: TestCA, handler: Any, *, p: Policy | None = None) -> tuple
 class HTTPSTo(http.client.HTTPSConnection):
     """http.client to a routed name, connecting to 127.0.0.1:port (SNI and Host = name)."""
 
-    def __init__(self, name: str, port: int, ca: TestCA, timeout: float = 60) -> None:
-        super().__init__(name, port, context=ca.client_context(), timeout=timeout)
+    def __init__(self, name: str, port: int, ca: TestCA | Path, timeout: float = 60) -> None:
+        """``ca``: a TestCA, or the path of a CA certificate to trust."""
+        if isinstance(ca, Path):
+            context = ssl.create_default_context(cafile=str(ca))
+        else:
+            context = ca.client_context()
+        super().__init__(name, port, context=context, timeout=timeout)
 
     def connect(self) -> None:
         raw = socket.create_connection(("127.0.0.1", self.port), timeout=self.timeout)

@@ -42,6 +42,7 @@ class _Registry(Resource):
         super().__init__()
         self.rights = {GOOD: "lib/app", OTHER: "other/app"}
         self.requests: list[tuple[bytes, bytes, bytes | None]] = []
+        self.oss_host = gs.OSS
 
     def render_GET(self, request: Any) -> bytes:
         auth = request.getHeader(b"authorization")
@@ -56,7 +57,7 @@ class _Registry(Resource):
             request.setHeader(b"www-authenticate", CHALLENGE)
             return b'{"errors":[{"code":"UNAUTHORIZED"}]}'
         request.setResponseCode(307)
-        request.setHeader(b"location", f"https://{gs.OSS}/data/{digest}?sig=1".encode())
+        request.setHeader(b"location", f"https://{self.oss_host}/data/{digest}?sig=1".encode())
         return b""
 
 
@@ -72,6 +73,7 @@ class _OSS(Resource):
         self.bytes = 0
         self.cut_first_at: int | None = None
         self.cut_every_at: int | None = None
+        self.stall_first_at: int | None = None
         self.gate: defer.Deferred[None] | None = None
 
     def render_GET(self, request: Any) -> Any:
@@ -81,6 +83,12 @@ class _OSS(Resource):
         size = path.stat().st_size
         rng = request.getHeader(b"range")
         start = int(rng.split(b"=")[1].split(b"-")[0]) if rng else 0
+        if self.stall_first_at is not None:
+            cut, self.stall_first_at = self.stall_first_at, None
+            request.setHeader(b"content-length", str(size).encode())
+            request.write(path.read_bytes()[:cut])
+            self.bytes += cut
+            return 1  # NOT_DONE_YET, and never done: a stalled upstream
         if self.cut_first_at is not None or self.cut_every_at is not None:
             cut = self.cut_first_at or self.cut_every_at or 0
             self.cut_first_at = None
@@ -327,3 +335,144 @@ def test_a_download_that_fails_for_good_cuts_every_waiter(world: Any) -> Any:
     oss.cut_every_at = None
     status, _, body = yield deferToThread(_get, ca, port, target, GOOD)
     assert status == 200 and body == data
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_slow_waiter_slows_only_itself(world: Any) -> Any:
+    """One waiter reads nothing while another reads all: the fast one and the download finish
+    (the blob is stored) before the slow one has read its body, which then arrives intact."""
+    import threading
+
+    ca, port, _, oss, store, blobs, add_blob = world
+    data = os.urandom(32 * MiB)
+    digest = add_blob(data)
+    target = f"/v2/lib/app/blobs/{digest}"
+    gate: defer.Deferred[None] = defer.Deferred()
+    oss.gate = gate
+    go = threading.Event()
+
+    def slow() -> bytes:
+        conn = gs.HTTPSTo(gs.REGISTRY, port, ca, timeout=120)
+        conn.request("GET", target, headers={"Authorization": GOOD.decode()})
+        response = conn.getresponse()
+        go.wait(60)
+        return response.read()
+
+    slow_read = deferToThread(slow)
+    while blobs.stats["misses"] < 1:
+        yield deferToThread(lambda: __import__("time").sleep(0.05))
+    fast_read = deferToThread(_get, ca, port, target, GOOD)
+    while blobs.stats["coalesced"] < 1:
+        yield deferToThread(lambda: __import__("time").sleep(0.05))
+    gate.callback(None)
+    status, _, body = yield fast_read
+    assert status == 200 and body == data
+    assert digest in store and not slow_read.called
+    go.set()
+    body = yield slow_read
+    assert body == data and oss.bytes == len(data)
+
+
+class _Manifests(Resource):
+    """/v2/<repo>/manifests/<digest>: HEAD proves, GET serves the manifest itself (no redirect)."""
+
+    isLeaf = True
+    MEDIA = b"application/vnd.oci.image.manifest.v1+json"
+
+    def __init__(self, registry: _Registry, manifests: dict[str, bytes]) -> None:
+        super().__init__()
+        self.registry = registry
+        self.manifests = manifests
+        self.methods: list[bytes] = []
+
+    def render_HEAD(self, request: Any) -> bytes:
+        return self.render_GET(request)
+
+    def render_GET(self, request: Any) -> bytes:
+        self.methods.append(request.method)
+        parts = request.path.decode().split("/")
+        repo, digest = "/".join(parts[2:-2]), parts[-1]
+        if self.registry.rights.get(request.getHeader(b"authorization")) != repo:
+            request.setResponseCode(401)
+            request.setHeader(b"www-authenticate", CHALLENGE)
+            return b""
+        accepted = b",".join(request.requestHeaders.getRawHeaders(b"accept", []))
+        if self.MEDIA not in accepted:  # as distribution does for an OCI manifest
+            request.setResponseCode(404)
+            return b'{"errors":[{"code":"MANIFEST_UNKNOWN"}]}'
+
+        request.setHeader(b"content-type", self.MEDIA)
+        request.setHeader(b"docker-content-digest", digest.encode())
+        return self.manifests[digest]
+
+
+def _get_manifest(
+    ca: Any, port: int, target: str, auth: bytes
+) -> tuple[int, dict[str, str], bytes]:
+    """GET with Accept in two header lines, as docker sends it."""
+    conn = gs.HTTPSTo(gs.REGISTRY, port, ca)
+    conn.putrequest("GET", target)
+    conn.putheader("Authorization", auth.decode())
+    conn.putheader("Accept", "application/vnd.docker.distribution.manifest.v2+json")
+    conn.putheader("Accept", _Manifests.MEDIA.decode())
+    conn.endheaders()
+    response = conn.getresponse()
+    body = response.read()
+    conn.close()
+    return response.status, {k.lower(): v for k, v in response.getheaders()}, body
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_manifest_by_digest_is_proven_by_head_and_cached(world: Any) -> Any:
+    """GET manifest by digest: miss then hit, the media type kept; another repo's token gets
+    the registry's 401 from the HEAD proof and not the manifest."""
+    ca, port, registry, _, store, _, _ = world
+    manifest = b'{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json"}'
+    digest = "sha256:" + hashlib.sha256(manifest).hexdigest()
+    resource = _Manifests(registry, {digest: manifest})
+    original = registry.render_GET  # blobs as before; manifests from the resource above
+
+    def route(request: Any) -> Any:
+        if b"/manifests/" in request.path:
+            return resource.render(request)
+        return original(request)
+
+    registry.render_GET = route  # type: ignore[method-assign]
+    registry.render_HEAD = route  # type: ignore[attr-defined]
+    target = f"/v2/lib/app/manifests/{digest}"
+    for _ in range(2):
+        status, headers, body = yield deferToThread(_get_manifest, ca, port, target, GOOD)
+        assert (status, body) == (200, manifest)
+        assert headers["content-type"] == _Manifests.MEDIA.decode()
+    assert digest in store
+    assert resource.methods == [b"HEAD", b"GET"]  # one proof, one download, then a hit
+    status, headers, body = yield deferToThread(_get_manifest, ca, port, target, OTHER)
+    assert status == 401 and manifest not in body
+    assert headers["www-authenticate"] == CHALLENGE.decode()
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_redirect_to_an_unrouted_host_is_never_followed(world: Any) -> Any:
+    """The registry redirecting to a host no route covers: the client gets a 502, nothing is
+    fetched there, nothing is stored."""
+    ca, port, registry, oss, store, _, add_blob = world
+    registry.oss_host = gs.UNROUTED
+    digest = add_blob(os.urandom(MiB))
+    status, _, body = yield deferToThread(_get, ca, port, f"/v2/lib/app/blobs/{digest}", GOOD)
+    assert (status, body) == (502, b"")
+    assert oss.headers == [] and digest not in store
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_stalled_upstream_body_is_cut_and_resumed(world: Any) -> Any:
+    """OSS sends 1 MiB then nothing: after the upstream timeout the download is cut and
+    resumed from its offset, and the client gets every byte."""
+    ca, port, _, oss, store, blobs, add_blob = world
+    blobs.upstream.timeout = 1.0
+    data = os.urandom(3 * MiB)
+    digest = add_blob(data)
+    oss.stall_first_at = MiB
+    status, _, body = yield deferToThread(_get, ca, port, f"/v2/lib/app/blobs/{digest}", GOOD)
+    assert status == 200 and body == data
+    assert [h.get(b"Range") for h in oss.headers] == [None, [b"bytes=%d-" % MiB]]
+    assert digest in store

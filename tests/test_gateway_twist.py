@@ -8,11 +8,13 @@ import json
 import os
 import re
 import subprocess
+import urllib.request
 from pathlib import Path
 from typing import Any
 
 import pytest
 import pytest_twisted
+from prometheus_client.parser import text_string_to_metric_families
 from twisted.internet.threads import deferToThread
 from twisted.web.resource import Resource
 
@@ -24,6 +26,7 @@ from tests.test_gateway_cache import _OSS, GOOD, _Registry
 pytestmark = pytest.mark.e2e
 
 LISTENING = re.compile(r"listening on 127\.0\.0\.1:(\d+) \(gateway\)")
+METRICS = re.compile(r"metrics on http://127\.0\.0\.1:(\d+)/metrics")
 MiB = 1 << 20
 
 
@@ -52,6 +55,9 @@ backend = "tcp:host=127.0.0.1:port={oss}"
 
 [relay]
 access_log = "{tmp / "access.log"}"
+
+[admin]
+metrics = "tcp:0:interface=127.0.0.1"
 """
     )
     return path
@@ -69,6 +75,17 @@ def _curl(tmp: Path, port: int, digest: str, out: Path) -> dict[str, Any]:
         capture_output=True, text=True, timeout=120, check=True, env=clean_env(tmp),
     )  # fmt: skip
     return dict(json.loads(result.stdout))
+
+
+def _metrics(port: int) -> dict[tuple[str, str], float]:
+    """(sample name, its one label value or "") -> value, from the admin metrics page."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as page:
+        text = page.read().decode()
+    return {
+        (sample.name, next(iter(sample.labels.values()), "")): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
 
 
 @pytest_twisted.inlineCallbacks
@@ -97,8 +114,9 @@ def test_twist_serves_a_miss_then_a_hit_over_tls_to_curl(tmp_path: Path) -> Any:
     )  # fmt: skip
     output = _Output(proc)
     try:
-        match = yield deferToThread(output.wait_for, LISTENING, 20)
-        port = int(match.group(1))
+        match = yield deferToThread(output.wait_for, METRICS, 20)  # bound before listeners
+        metrics_port = int(match.group(1))
+        port = int(output.wait_for(LISTENING, 10).group(1))
         speeds = []
         for name in ("first", "second"):
             out = tmp_path / name
@@ -111,6 +129,13 @@ def test_twist_serves_a_miss_then_a_hit_over_tls_to_curl(tmp_path: Path) -> Any:
         assert [e.get("status") for e in log] == [200, 200]
         assert oss.bytes == len(data)
         assert not any(b"Authorization" in h for h in oss.headers)
+        page = yield deferToThread(_metrics, metrics_port)
+        assert page[("acrrelay_gateway_requests_total", "hit")] == 1
+        assert page[("acrrelay_gateway_requests_total", "miss")] == 1
+        assert page[("acrrelay_gateway_bytes_total", "upstream")] == len(data)
+        assert page[("acrrelay_gateway_bytes_total", "store")] == len(data)
+        assert page[("acrrelay_gateway_proofs_total", "ok")] == 1  # the hit was remembered
+        assert page[("acrrelay_gateway_store_bytes", "")] == len(data)
         print(f"gateway twist: miss {speeds[0]:.0f} MB/s, hit {speeds[1]:.0f} MB/s over TLS")
     finally:
         stop_process(proc)

@@ -113,7 +113,7 @@ class BlobPath:
         to give the client as it is."""
         headers = Headers()
         for name in (b"authorization", b"accept"):
-            value = exchange.header(name)
+            value = exchange.joined(name)
             if value is not None:
                 headers.addRawHeader(name, value)
         url = self._url(exchange, api)
@@ -227,7 +227,10 @@ class BlobPath:
             return
         if download.state == "bypass" or download.spool is None:
             if download.state == "failed":
-                exchange.abort("upstream_failed")
+                # Nothing was answered yet: a 502 says so; it is no short 200.
+                exchange.detail = "download_failed"
+                exchange.start_response(502, [(b"content-length", b"0")])
+                exchange.finish()
                 return
             exchange.cache = "bypass"
             self.stats["bypass"] += 1
@@ -254,6 +257,7 @@ class BlobPath:
             url=self._url(exchange, api),
             digest=api.digest,
             authorization=current_authorization,
+            accept=exchange.joined(b"accept") if api.kind == "manifest" else None,
             counted=self._count("bytes_upstream"),
         )
         download.waiters = waiters  # type: ignore[attr-defined]
@@ -280,7 +284,10 @@ class BlobPath:
             exchange.finish()
             return
         start, end = span if isinstance(span, tuple) else (0, size)
-        headers = _entity_headers(api, b"application/octet-stream")
+        content_type = (
+            download.content_type if api.kind == "manifest" else b"application/octet-stream"
+        )
+        headers = _entity_headers(api, content_type)
         if isinstance(span, tuple):
             headers.append((b"content-range", b"bytes %d-%d/%d" % (start, end - 1, size)))
         headers.append((b"content-length", str(end - start).encode()))

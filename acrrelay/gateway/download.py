@@ -46,15 +46,32 @@ class _Writer(Protocol):
 
     transport: Any
 
-    def __init__(self, download: Download) -> None:
+    def __init__(self, download: Download, reactor: Any, idle: float) -> None:
         self._download = download
+        self._reactor = reactor
+        self._idle = idle
+        self._timer: Any = None
         self.done: defer.Deferred[None] = defer.Deferred()
 
+    def connectionMade(self) -> None:
+        self._arm()
+
+    def _arm(self) -> None:
+        # Nothing ever pauses a download (it goes to disk), so silence means a stalled
+        # upstream: cut it, and the download resumes on a fresh connection.
+        if self._timer is not None and self._timer.active():
+            self._timer.reset(self._idle)
+        else:
+            self._timer = self._reactor.callLater(self._idle, self.transport.stopProducing)
+
     def dataReceived(self, data: bytes) -> None:
+        self._arm()
         if not self._download.take(data):
             self.transport.stopProducing()
 
     def connectionLost(self, reason: Failure = Failure(ResponseDone())) -> None:  # noqa: B008
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
         if reason.check(ResponseDone):
             self.done.callback(None)
         else:
@@ -73,6 +90,7 @@ class Download:
         url: bytes,
         digest: str,
         authorization: Callable[[], bytes | None],
+        accept: bytes | None = None,
         counted: Callable[[int], None] | None = None,
     ) -> None:
         self._reactor = reactor
@@ -81,8 +99,12 @@ class Download:
         self._url = url
         self.digest = digest
         self._authorization = authorization
+        #: The first client's Accept: a registry answers a manifest only in a type it names.
+        self._accept = accept
         self._counted = counted
         self.size: int | None = None
+        #: The first answer's Content-Type (a manifest's media type matters to clients).
+        self.content_type = b"application/octet-stream"
         self.spool: Spool | None = None
         self.state = "starting"  # starting, running, done, failed, bypass
         self.sized: defer.Deferred[Download] = defer.Deferred()
@@ -122,7 +144,7 @@ class Download:
                 response = yield self._fetch()
                 if self.spool is None and not self._begin(response):
                     return self.state
-                writer = _Writer(self)
+                writer = _Writer(self, self._reactor, self._upstream.timeout)
                 response.deliverBody(writer)
                 try:
                     yield writer.done
@@ -160,9 +182,10 @@ class Download:
     @defer.inlineCallbacks
     def _fetch(self):  # type: ignore[no-untyped-def]
         """The registry's answer, following one redirect without the client's credential."""
-        response = yield self._upstream.request(
-            b"GET", self._url, self._headers(self._authorization())
-        )
+        headers = self._headers(self._authorization())
+        if self._accept is not None:
+            headers.addRawHeader(b"accept", self._accept)
+        response = yield self._upstream.request(b"GET", self._url, headers)
         if response.code in REDIRECTS:
             location = response.headers.getRawHeaders(b"location", [None])[0]
             _drain(response)
@@ -189,6 +212,7 @@ class Download:
     def _begin(self, response: IResponse) -> bool:
         """Open the spool for the first answer; False (bypass) if the store has no room."""
         self.size = None if response.length is UNKNOWN_LENGTH else int(response.length)
+        self.content_type = response.headers.getRawHeaders(b"content-type", [self.content_type])[0]
         self.spool = self._store.begin(self.digest, self.size)
         if self.spool is None:
             self.state = "bypass"
@@ -234,16 +258,27 @@ class Download:
         self._wake()
 
 
+#: A body this small is read and dropped, so its connection goes back to the pool.
+SMALL_BODY: Final = 64 * 1024
+
+
 class _Discard(Protocol):
     transport: Any
 
+    def __init__(self, keep: bool = False) -> None:
+        self._keep = keep
+
     def connectionMade(self) -> None:
-        self.transport.stopProducing()
+        if not self._keep:
+            self.transport.stopProducing()
 
     def connectionLost(self, reason: Failure = Failure(ResponseDone())) -> None:  # noqa: B008
         pass
 
 
 def _drain(response: IResponse) -> None:
-    """Drop a response body we do not want (a redirect's, a refusal's): close it."""
-    response.deliverBody(_Discard())
+    """Drop a response body we do not want (a redirect's, a proof's): read it to the end if it
+    is small (the connection is reused), else close it (never a whole blob for a proof)."""
+    length = response.length
+    small = length is not UNKNOWN_LENGTH and int(length) <= SMALL_BODY
+    response.deliverBody(_Discard(keep=small))

@@ -27,6 +27,8 @@ _log = Logger(namespace="acrrelay.gateway.server")
 
 #: The largest request head h11 accepts.
 MAX_HEAD: Final = 64 * 1024
+#: How much of an already answered request's body is read and dropped to keep the connection.
+DRAIN_LIMIT: Final = 1024 * 1024
 #: Request-body bytes an exchange holds before the handler asked for them.
 BODY_HIGH_WATER: Final = 256 * 1024
 
@@ -73,6 +75,12 @@ class Exchange:
             if key == name:
                 return value
         return None
+
+    def joined(self, name: bytes) -> bytes | None:
+        """Every value of a request header joined with ", " (Accept often comes in several
+        lines), or None if it is absent."""
+        values = [value for key, value in self.headers if key == name]
+        return b", ".join(values) if values else None
 
     @property
     def has_body(self) -> bool:
@@ -183,11 +191,15 @@ class GatewayHTTP(Protocol):
         reactor: Any,
         *,
         idle_timeout: float,
+        first_timeout: float | None = None,
         done: Callable[[Exchange, str], None] | None = None,
     ) -> None:
         self.handler = handler
         self.reactor = reactor
         self.idle_timeout = idle_timeout
+        #: Until the first request head: a peer that never finishes its TLS handshake or
+        #: never asks anything holds a descriptor only this long.
+        self.first_timeout = idle_timeout if first_timeout is None else first_timeout
         self._done = done
         self.client = ""
         self._h11 = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD)
@@ -195,17 +207,19 @@ class GatewayHTTP(Protocol):
         self._idle: IDelayedCall | None = None
         self._reading = True
         self._closed = False
+        #: Bytes of an answered request's body still to drop, or None.
+        self._draining: int | None = None
 
     # -- transport events
 
     def connectionMade(self) -> None:
         peer = self.transport.getPeer()
         self.client = str(getattr(peer, "host", ""))
-        self._arm_idle()
+        self._arm_idle(self.first_timeout)
 
     def dataReceived(self, data: bytes) -> None:
-        if self.exchange is None:
-            self._arm_idle()
+        # No timer reset here: a request head must be complete within the timeout armed at
+        # connect (first_timeout) or after the last answer (idle_timeout), however it trickles.
         try:
             self._h11.receive_data(data)
         except RuntimeError:  # data after a close we decided on
@@ -240,6 +254,15 @@ class GatewayHTTP(Protocol):
                 self.exchange._data(bytes(event.data))
             elif isinstance(event, h11.EndOfMessage) and self.exchange is not None:
                 self.exchange._end()
+            elif isinstance(event, h11.Data) and self._draining is not None:
+                self._draining -= len(event.data)
+                if self._draining < 0:
+                    self.transport.loseConnection()
+                    return
+            elif isinstance(event, h11.EndOfMessage) and self._draining is not None:
+                self._draining = None
+                self._next_cycle()
+                return
             elif isinstance(event, h11.ConnectionClosed):
                 self.transport.loseConnection()
                 return
@@ -318,21 +341,32 @@ class GatewayHTTP(Protocol):
             self._done(exchange, how)
         if how != "done":
             return
+        if self._h11.our_state is h11.DONE and self._h11.their_state is h11.SEND_BODY:
+            # Answered before the request ended (a refusal, a 421): read the rest of its body
+            # and drop it, up to a limit, to keep the connection.
+            self._draining = DRAIN_LIMIT
+            self.update_reading()
+            self.reactor.callLater(0, self._pump)
+            return
+        self._next_cycle()
+
+    def _next_cycle(self) -> None:
         if self._h11.our_state is h11.DONE and self._h11.their_state is h11.DONE:
             self._h11.start_next_cycle()
             self._arm_idle()
             self.update_reading()
             self.reactor.callLater(0, self._pump)
         else:
-            # The answer ended before the request did (or either side asked to close).
+            # Either side asked to close, or the request cannot be read to its end.
             self.transport.loseConnection()
 
     # -- idle timeout
 
-    def _arm_idle(self) -> None:
+    def _arm_idle(self, timeout: float | None = None) -> None:
         self._cancel_idle()
-        if self.idle_timeout > 0:
-            self._idle = self.reactor.callLater(self.idle_timeout, self._idle_expired)
+        timeout = self.idle_timeout if timeout is None else timeout
+        if timeout > 0:
+            self._idle = self.reactor.callLater(timeout, self._idle_expired)
 
     def _cancel_idle(self) -> None:
         if self._idle is not None and self._idle.active():
@@ -347,6 +381,9 @@ class GatewayHTTP(Protocol):
 
 def _misdirected(exchange: Exchange) -> str | None:
     """Why a request's Host does not name the TLS server name it came in on, or None."""
+    if not exchange.raw_target.startswith(b"/"):
+        # Absolute-form or "*": the upstream is the TLS name, never a URL a client writes.
+        return "the target is not a path"
     host = exchange.header(b"host")
     if host is None:
         return "no Host header"
@@ -371,16 +408,22 @@ class GatewayHTTPFactory(Factory):
         reactor: Any,
         *,
         idle_timeout: float,
+        first_timeout: float | None = None,
         done: Callable[[Exchange, str], None] | None = None,
     ) -> None:
         self.handler = handler
         self.reactor = reactor
         self.idle_timeout = idle_timeout
+        self.first_timeout = first_timeout
         self.done = done
 
     def buildProtocol(self, addr: Any) -> GatewayHTTP:
         protocol = GatewayHTTP(
-            self.handler, self.reactor, idle_timeout=self.idle_timeout, done=self.done
+            self.handler,
+            self.reactor,
+            idle_timeout=self.idle_timeout,
+            first_timeout=self.first_timeout,
+            done=self.done,
         )
         protocol.factory = self
         return protocol

@@ -27,6 +27,7 @@ from twisted.logger import ILogObserver, LogEvent, Logger
 from twisted.python.failure import Failure
 
 from acrrelay.accesslog import AccessLog
+from acrrelay.admin.ssh import KeyFileError, host_key, make_ssh_factory, read_authorized_keys
 from acrrelay.backends import BackendConnector
 from acrrelay.config import ConfigError, ListenerConfig, RelayConfig, format_duration
 from acrrelay.gateway.app import GatewayHandler
@@ -36,6 +37,7 @@ from acrrelay.gateway.config import GatewayConfig, load_gateway
 from acrrelay.gateway.metrics import gateway_registry
 from acrrelay.gateway.proof import ProofCache
 from acrrelay.gateway.server import Exchange, GatewayHTTPFactory
+from acrrelay.gateway.shell import gateway_namespace
 from acrrelay.gateway.store import BlobStore
 from acrrelay.gateway.tls import SNIServerContexts, tls_factory
 from acrrelay.gateway.upstream import Upstream, UpstreamEndpoints, trust_root
@@ -154,6 +156,7 @@ class GatewayService(MultiService):
             self.handler,
             self.reactor,
             idle_timeout=self.config.idle_timeout,
+            first_timeout=self.config.peek_timeout,
             done=lambda exchange, how: self._done(listener, exchange, how),
         )
         http.connections = self.connections
@@ -168,7 +171,8 @@ class GatewayService(MultiService):
             client=exchange.client,
             front_door="tls",
             sni=exchange.host,
-            target=exchange.target,
+            # The path only: a query may carry upload state or signatures.
+            target=exchange.target.partition("?")[0],
             method=exchange.method,
             status=exchange.status or None,
             cache=exchange.cache,
@@ -207,6 +211,8 @@ class GatewayService(MultiService):
                 self._ports.append(
                     (self._listen(listener.endpoint, self._factory(listener)), listener)
                 )
+            if self.config.admin.ssh is not None:
+                self._bind_shell(self.config.admin.ssh)
             if self.config.admin.metrics is not None:
                 site = metrics_site(self.metrics_registry)
                 port = self._listen(self.config.admin.metrics, site)
@@ -227,6 +233,24 @@ class GatewayService(MultiService):
         self.connector.guard.set_own(
             [(ipaddress.ip_address(h), port) for h, port in own if client_ip(h) is not None]
         )
+
+    def _bind_shell(self, endpoint: str) -> None:
+        admin = self.config.admin
+        try:
+            assert admin.authorized_keys is not None
+            authorized = {admin.ssh_user.encode(): read_authorized_keys(admin.authorized_keys)}
+            factory = make_ssh_factory(
+                gateway_namespace(self), authorized=authorized, server_key=host_key(admin.host_key)
+            )
+        except KeyFileError as e:
+            raise ListenError(f"cannot start the SSH shell: {e}") from None
+        port = self._listen(endpoint, factory)
+        self._admin_ports.append(port)
+        self._log.info("admin shell on {address}", address=_describe(port.getHost()))
+
+    def addresses(self) -> list[Any]:
+        """The bound gateway listeners' addresses, in listener order (port 0 shows the port)."""
+        return [port.getHost() for port, _ in self._ports]
 
     def _listen(self, description: str, factory: Any) -> IListeningPort:
         outcome: list[Any] = []

@@ -172,4 +172,6 @@ class SNIServerContexts:
 
 def tls_factory(contexts: SNIServerContexts, wrapped: IProtocolFactory) -> TLSMemoryBIOFactory:
     """``wrapped`` behind TLS terminated with ``contexts``."""
-    return TLSMemoryBIOFactory(contexts, False, wrapped)
+    factory = TLSMemoryBIOFactory(contexts, False, wrapped)
+    factory.noisy = False
+    return factory

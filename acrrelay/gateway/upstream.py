@@ -208,7 +208,9 @@ class Upstream:
         self.timeout = timeout
         self.pool = HTTPConnectionPool(reactor, persistent=True)
         self.pool.maxPersistentPerHost = POOL_PER_HOST
-        self.pool.retryAutomatically = False  # a replayed upload would be a second upload
+        # Left on: a pooled connection the far end closed while idle is retried once, and
+        # Twisted retries only idempotent methods without a body (never an upload).
+        self.pool.retryAutomatically = True
         self.agent = Agent.usingEndpointFactory(reactor, endpoints, pool=self.pool)
 
     def request(
