@@ -48,7 +48,7 @@ class GatewayPlan:
     def make(quick: bool, rate: float = 50e6) -> GatewayPlan:
         if quick:
             return GatewayPlan(True, 32 * MIB, (1, 4), rate, 1)
-        return GatewayPlan(False, 512 * MIB, (1, 4, 16), rate, 2)
+        return GatewayPlan(False, 512 * MIB, (1, 4, 16), rate, 4)
 
 
 @dataclass
@@ -180,27 +180,42 @@ def curl_get(
     return status, int(size), float(seconds), (cache[0] if cache else ""), cpu
 
 
-def hit(
-    name: str, server: Server, cafile: Path, url: str, headers: list[str], image: g.Image,
-    rounds: int,
-) -> dict[str, Any]:  # fmt: skip
-    """One client reads the layer ``rounds`` times; medians of MB/s and CPU per GiB."""
-    samples = []
-    for _ in range(rounds):
-        before = server.cpu()
-        status, size, seconds, cache, client_cpu = curl_get(server.port, cafile, url, headers)
-        used = server.cpu() - before
-        if status != "200" or size != image.layer.size:
-            return {"name": name, "ok": False, "error": f"status {status}, {size} bytes"}
-        samples.append((size / seconds / 1e6, used / (size / GIB), client_cpu / (size / GIB),
-                        cache))  # fmt: skip
+@dataclass(frozen=True)
+class HitTarget:
+    name: str
+    server: Server
+    cafile: Path
+    url: str
+    headers: tuple[str, ...] = ()
+
+
+def hit_sample(target: HitTarget, image: g.Image) -> dict[str, Any]:
+    """One client reads the layer once: MB/s and CPU per GiB, or why it failed."""
+    before = target.server.cpu()
+    status, size, seconds, cache, client_cpu = curl_get(
+        target.server.port, target.cafile, target.url, list(target.headers)
+    )
+    used = target.server.cpu() - before
+    if status != "200" or size != image.layer.size:
+        return {"error": f"status {status}, {size} bytes"}
+    gib = size / GIB
+    return {"mb_s": size / seconds / 1e6, "server": used / gib, "client": client_cpu / gib,
+            "cache": cache}  # fmt: skip
+
+
+def hit_summary(name: str, samples: list[dict[str, Any]]) -> dict[str, Any]:
+    """Medians over the rounds; a target that failed once is reported as failed."""
+    failed = [s["error"] for s in samples if "error" in s]
+    if failed or not samples:
+        return {"name": name, "ok": False, "error": failed[0] if failed else "not measured"}
     return {
         "name": name,
         "ok": True,
-        "mb_s": statistics.median(s[0] for s in samples),
-        "server_cpu_s_per_gib": statistics.median(s[1] for s in samples),
-        "client_cpu_s_per_gib": statistics.median(s[2] for s in samples),
-        "x_cache": ",".join(sorted({s[3] for s in samples if s[3]})),
+        "rounds": len(samples),
+        "mb_s": statistics.median(s["mb_s"] for s in samples),
+        "server_cpu_s_per_gib": statistics.median(s["server"] for s in samples),
+        "client_cpu_s_per_gib": statistics.median(s["client"] for s in samples),
+        "x_cache": ",".join(sorted({s["cache"] for s in samples if s["cache"]})),
     }
 
 
@@ -273,36 +288,45 @@ def _pulls(world: _World, outcome: GatewayOutcome) -> Server | None:
     return gateway
 
 
-def _hits(world: _World, gateway: Server | None, outcome: GatewayOutcome) -> None:
-    plan, top, image = world.plan, world.top, world.image
-    layer = image.layer
+def _hit_targets(world: _World, gateway: Server | None) -> list[HitTarget]:
+    """Every server a hit is measured on, started (nginx proxy_cache warmed)."""
+    top, layer = world.top, world.image.layer
     blob_url = f"https://{g.REGISTRY}/v2/{g.REPOSITORY}/blobs/{layer.digest}"
-    auth = [f"Authorization: Bearer {g.bearer_token()}"]
-    rounds = plan.hit_rounds
+    auth = (f"Authorization: Bearer {g.bearer_token()}",)
+    targets = []
     if gateway is not None:
-        gw_ca = Path(str(gateway.directory / "gateway-ca" / "ca.crt"))
-        before = world.shaper.counts()["down"]
-        outcome.hits.append(hit("gateway (warm store)", gateway, gw_ca, blob_url, auth, image,
-                                rounds))  # fmt: skip
-        # Bytes over the line while the gateway served hits: the proof, never the layer.
-        outcome.hits[-1]["line_down"] = world.shaper.counts()["down"] - before
-        world.stop(gateway)
+        gw_ca = gateway.directory / "gateway-ca" / "ca.crt"
+        targets.append(HitTarget("gateway (warm store)", gateway, gw_ca, blob_url, auth))
     cache = world.keep(g.start_proxy_cache(world.ca, world.registry.port, top / "proxy-cache"))
     settle(cache)
-    curl_get(cache.port, world.ca.ca_file, blob_url, auth)  # warm it
-    outcome.hits.append(hit("nginx proxy_cache (warm)", cache, world.ca.ca_file, blob_url, auth,
-                            image, rounds))  # fmt: skip
-    world.stop(cache)
-    outcome.hits.append(hit("nginx serving the file", world.registry, world.ca.ca_file,
-                            f"https://{g.OSS}/{layer.digest}", [], image, rounds))  # fmt: skip
-    for kind in ("twisted", "stdlib"):
-        server = world.keep(g.start_tls_file_server(kind, world.ca, image.root / layer.digest,
-                                                    top / f"tls-{kind}"))  # fmt: skip
+    curl_get(cache.port, world.ca.ca_file, blob_url, list(auth))  # warm it
+    targets.append(HitTarget("nginx proxy_cache (warm)", cache, world.ca.ca_file, blob_url, auth))
+    oss_url = f"https://{g.OSS}/{layer.digest}"
+    targets.append(HitTarget("nginx serving the file", world.registry, world.ca.ca_file, oss_url))
+    for kind, name in (("twisted", "Twisted + pyOpenSSL (TLSMemoryBIO, FileSender)"),
+                       ("stdlib", "Python ssl, readinto + sendall")):  # fmt: skip
+        path = world.image.root / layer.digest
+        server = world.keep(g.start_tls_file_server(kind, world.ca, path, top / f"tls-{kind}"))
         settle(server)
-        name = {"twisted": "Twisted + pyOpenSSL (TLSMemoryBIO, FileSender)",
-                "stdlib": "Python ssl, readinto + sendall"}[kind]  # fmt: skip
-        outcome.hits.append(hit(name, server, world.ca.ca_file, blob_url, [], image, rounds))
-        world.stop(server)
+        targets.append(HitTarget(name, server, world.ca.ca_file, blob_url))
+    return targets
+
+
+def _hits(world: _World, gateway: Server | None, outcome: GatewayOutcome) -> None:
+    """Round by round, every server once per round in a rotating order, so the shared
+    machine's load falls on all of them alike; medians over the rounds."""
+    targets = _hit_targets(world, gateway)
+    samples: dict[str, list[dict[str, Any]]] = {t.name: [] for t in targets}
+    line = world.shaper.counts()["down"]
+    for r in range(world.plan.hit_rounds):
+        for target in targets[r % len(targets) :] + targets[: r % len(targets)]:
+            samples[target.name].append(hit_sample(target, world.image))
+    for target in targets:
+        outcome.hits.append(hit_summary(target.name, samples[target.name]))
+    if gateway is not None:
+        # Bytes over the line while the gateway served hits: its proofs, never the layer
+        # (nothing else measured here goes over the line).
+        outcome.hits[0]["line_down"] = world.shaper.counts()["down"] - line
     for h in outcome.hits:
         world.log(f"hit {h['name']}: {h.get('mb_s', 0):.0f} MB/s, "
                   f"{h.get('server_cpu_s_per_gib', 0):.2f} s/GiB {h.get('error', '')}")  # fmt: skip

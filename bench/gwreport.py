@@ -74,9 +74,13 @@ def _goals(outcome: Any) -> list[str]:
     hits = {h["name"]: h for h in outcome.hits if h.get("ok")}
     gwh, ngx = hits.get("gateway (warm store)"), hits.get("nginx proxy_cache (warm)")
     hr = gwh["mb_s"] / ngx["mb_s"] if gwh and ngx else None
+    cr = ngx["server_cpu_s_per_gib"] / gwh["server_cpu_s_per_gib"] if gwh and ngx else None
     lines.append(
         f"- hit throughput at least 0.5x nginx proxy_cache: "
-        f"**{'met' if hr is not None and hr >= 0.5 else 'missed'}** ({_f(hr, '.2f')}x)"
+        f"**{'met' if hr is not None and hr >= 0.5 else 'missed'}** ({_f(hr, '.2f')}x, median "
+        f"over {gwh.get('rounds', '?') if gwh else '?'} interleaved rounds on a shared "
+        f"machine); by CPU per GiB, what bounds a hit once a core is the limit, the gateway "
+        f"is at {_f(cr, '.2f')}x nginx (nginx's server CPU s/GiB ÷ the gateway's)"
     )
     return [*lines, ""]
 
