@@ -100,7 +100,10 @@ def _where(outcome: Any) -> list[str]:
             f"{cpu:.1f} CPU s ({cpu / p['seconds']:.2f} cores of {_cores(outcome)}; clients "
             f"{p['cpu'].get('clients', 0):.1f} s, gateway {p['cpu'].get('gateway', 0):.1f} s), "
             f"the machine was busy {p['machine_busy_cores']:.2f} cores, "
-            f"{_other(p):.2f} of them on other work, + {p['softirq_cores']:.2f} in interrupts"
+            f"{_other(p):.2f} of them on other work, + {p['softirq_cores']:.2f} in interrupts; "
+            f"with the machine to itself it would take at least "
+            f"{max(floor, cpu / int(_cores(outcome))):.1f} s (the line floor, or this CPU "
+            f"over {_cores(outcome)} cores)"
         )
     return [*lines, ""]
 

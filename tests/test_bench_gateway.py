@@ -112,6 +112,8 @@ def test_quick_gateway_bench_pulls_both_ways_and_the_gateway_uses_the_line_once(
     )  # fmt: skip
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
     rows = _rows((out / "gateway-latest.md").read_text())
+    for (n, path), cells in sorted(rows.items()):
+        print(f"gateway bench quick: N={n} {path}: {cells[2]} s, {cells[4]}x the image")
     assert set(rows) == {(n, p) for n in ("1", "4") for p in ("relay alone", "gateway")}
     assert 0.99 <= float(rows[("4", "gateway")][4]) <= 1.05
     assert 3.9 <= float(rows[("4", "relay alone")][4]) <= 4.2
