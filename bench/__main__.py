@@ -77,7 +77,20 @@ def main(argv: list[str] | None = None) -> int:
     )
     prof.add_argument("--seconds", type=int, default=8, help="how long wrk runs (default 8)")
     prof.add_argument("--out", type=Path, default=RESULTS, help="where profile-conn.md goes")
+    gw = commands.add_parser(
+        "gateway",
+        help="issue 11: N clients through the relay alone and through the gateway, over a "
+        "50 MB/s shaper; hit throughput beside nginx proxy_cache: "
+        "bench/results/gateway-latest.{md,json}",
+    )
+    gw.add_argument(
+        "--quick", action="store_true", help="a 32 MiB layer, N = 1 and 4: under a minute"
+    )
+    gw.add_argument("--rate", type=float, default=50e6, help="the line, bytes/s each way")
+    gw.add_argument("--out", type=Path, default=RESULTS, help="where gateway-latest.md goes")
     args = parser.parse_args(argv)
+    if args.command == "gateway":
+        return _gateway(args.quick, args.rate, args.out)
     if args.command == "profile":
         from bench.profile import profile
 
@@ -112,6 +125,16 @@ def main(argv: list[str] | None = None) -> int:
     print(f"written: {args.out / 'latest.md'}, latest.png, latest.json")
     measured = [r for r in outcome.records if r.error is None]
     return 0 if measured else 1
+
+
+def _gateway(quick: bool, rate: float, out: Path) -> int:
+    from bench import gwreport
+    from bench.gateway import GatewayPlan, run_gateway
+
+    outcome = run_gateway(GatewayPlan.make(quick, rate))
+    print(gwreport.write(outcome, out))
+    print(f"written: {out / 'gateway-latest.md'}, gateway-latest.json")
+    return 0 if outcome.pulls and all(p.get("ok") for p in outcome.pulls) else 1
 
 
 if __name__ == "__main__":
