@@ -410,7 +410,13 @@ def test_a_flipped_byte_on_disk_is_found_and_the_layer_fetched_again(
     assert attempts[-1].status == 200 and attempts[-1].digest == layer, attempts
     assert gw.upstream_bytes("oss") - before >= image.layer_size, "not fetched again"
     _wait(lambda: stored.exists() and sha256_file(stored) == layer, "the store repaired")
-    assert "ConnectionResetError" in str(attempts[0].error), attempts[0].error
+    # The gateway resets the connection (SO_LINGER 0 under the TLS); whether Python's TLS
+    # client reports that as ConnectionResetError or, when the RST lands before it reads,
+    # as SSLEOFError is a matter of timing. Either way the body ended short, with no TLS
+    # close: never a clean end (checked above).
+    assert attempts[0].error is not None and (
+        "ConnectionResetError" in attempts[0].error or "SSLEOFError" in attempts[0].error
+    ), attempts[0].error
 
 
 def test_a_push_through_the_gateway_arrives_intact(
