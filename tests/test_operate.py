@@ -435,8 +435,7 @@ def test_a_second_stop_cuts_every_connection_now() -> None:
     hello = len(client_hello_bytes(A))
     assert (
         f"cutting now: {client.session.id} 192.0.2.7:40000 -> {A}:443 "
-        f"({hello} up, 0 down, splicing)"
-        in r.log_lines()
+        f"({hello} up, 0 down, splicing)" in r.log_lines()
     )
     client.connectionLost(Failure(ConnectionLost()))
     backend.connectionLost(Failure(ConnectionLost()))
