@@ -15,6 +15,7 @@ import attrs
 
 from acrrelay import __version__
 from acrrelay.config import RELAY_SETTINGS, ConfigError, Overlay, RelayConfig, load_config
+from acrrelay.gateway.cliparts import add_gateway_commands, gateway_trust
 from acrrelay.routing import DEFAULT_PORTS, Route
 
 __all__ = ["format_config", "main"]
@@ -167,38 +168,12 @@ def _hosts(args: argparse.Namespace, out: TextIO) -> int:
                 "hosts", f"--relay {args.relay}", "a hosts file needs the relay's IP address"
             ) from None
     elif args.format == "gateway-trust":
-        out.write(_gateway_trust(args, names.registry + names.auth))
+        out.write(gateway_trust(args, names.registry + names.auth))
     elif args.format == "dockerd":
         out.write(dockerd_proxy(host, port, args.proxy_user))
     else:
         out.write(containerd_proxy(host, port, names.registry, args.proxy_user))
     return 0
-
-
-def _gateway_trust(args: argparse.Namespace, names: tuple[str, ...]) -> str:
-    """How each client kind trusts the gateway's CA, for the registry and token names only
-    (clients never reach OSS through the gateway: it follows blob redirects itself)."""
-    from acrrelay.gateway.commands import trust_instructions
-
-    if args.ca is None:
-        raise ConfigError("hosts", "--format gateway-trust", "needs --ca PATH (the ca.crt)")
-    try:
-        text = trust_instructions(names, args.ca, args.client)
-    except ValueError as e:
-        raise ConfigError("hosts", "--client", str(e)) from None
-    return text if text.endswith("\n") else text + "\n"
-
-
-def _ca(args: argparse.Namespace, out: TextIO) -> int:
-    from acrrelay.gateway.commands import ca_init_main
-
-    return ca_init_main(args.rest, out)
-
-
-def _cache(args: argparse.Namespace, out: TextIO) -> int:
-    from acrrelay.gateway.commands import cache_verify_main
-
-    return cache_verify_main(args.rest, out)
 
 
 def _resolve(args: argparse.Namespace, out: TextIO) -> int:
@@ -310,32 +285,8 @@ def _parser() -> argparse.ArgumentParser:
     _add_hosts(commands)
     _add_resolve(commands)
     _add_doctor(commands)
-    _add_gateway_commands(commands)
+    add_gateway_commands(commands)
     return parser
-
-
-def _add_gateway_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    """ca init and cache verify, for the caching gateway."""
-    ca = commands.add_parser(
-        "ca",
-        help="the gateway's internal CA: acrrelay ca init DIR",
-        description="acrrelay ca init DIR [--days N] [--name NAME]: create the gateway's CA "
-        "(ca.crt for the clients, ca.key mode 0600 for the gateway); never overwrites one.",
-        add_help=False,
-    )
-    ca.add_argument("action", choices=("init",))
-    ca.add_argument("rest", nargs=argparse.REMAINDER)
-    ca.set_defaults(run=_ca)
-    cache = commands.add_parser(
-        "cache",
-        help="the gateway's blob store: acrrelay cache verify DIR [DIGEST...]",
-        description="acrrelay cache verify DIR [DIGEST...]: re-hash stored blobs and drop "
-        "corrupt ones, so they are fetched again; exit 1 if any was corrupt.",
-        add_help=False,
-    )
-    cache.add_argument("action", choices=("verify",))
-    cache.add_argument("rest", nargs=argparse.REMAINDER)
-    cache.set_defaults(run=_cache)
 
 
 def _add_config_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

@@ -3,10 +3,7 @@
 Every mistake raises :class:`ConfigError`, whose text is one line naming the
 source, the key and what was expected, for example::
 
-    etc/acrrelay.toml: relay.idle_timeout: expected a duration such as "90s", "15m"
-    or "1h30m", got "soon"
-
-(on one line).
+    etc/acrrelay.toml: relay.idle_timeout: expected a duration such as "90s", … got "soon"
 
 Unknown keys are rejected, with a suggestion where one is close. The schema is
 documented in ``etc/acrrelay.toml``.
@@ -266,8 +263,7 @@ def parse_config(
 def parse_document(
     source: str, document: dict[str, Any], overlay: Overlay | None = None
 ) -> RelayConfig:
-    """Like :func:`parse_config`, from a TOML document already read (the gateway's loader
-    takes its own table out first)."""
+    """Like :func:`parse_config`, from a TOML document the gateway's loader has read."""
     return _build(source, document, overlay or Overlay())
 
 
