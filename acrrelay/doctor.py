@@ -19,28 +19,43 @@ likely fix. A hop that needs an earlier one that failed is skipped. The exit sta
 is 1 if any hop failed. A :class:`Reporter` hears when each hop starts, how a long
 read is going, and when each hop ends (the command prints that on stderr).
 
+This module holds the hop sequence and the command's entry point. How a hop connects
+and asks is in :mod:`acrrelay.doctor_http`; the hop record and the report (progress,
+table, JSON) are in :mod:`acrrelay.doctor_report`. The names other code imports from
+here (the hop record, :class:`HopFailed`, the printer) are re-exported.
+
 This is client code: blocking sockets, no reactor.
 """
 
 from __future__ import annotations
 
-import base64
 import contextlib
-import http.client
 import json
-import re
-import socket
-import ssl
 import sys
 import time
 import urllib.parse
-from collections.abc import Iterator, Mapping
-from typing import IO, Any, Protocol
+from collections.abc import Iterator
+from typing import IO, Any
 
 import attrs
 
-from acrrelay import reasons
 from acrrelay.addresses import host_port
+from acrrelay.doctor_http import (
+    PROGRESS_EVERY as PROGRESS_EVERY,
+)
+from acrrelay.doctor_http import (
+    HopFailed,
+    Probe,
+    bearer_challenge,
+    body_kind,
+    derive_oss_endpoint,
+    judge_oss_root,
+    oss_endpoint_of,
+    realm_url,
+    snippet,
+)
+from acrrelay.doctor_report import Hop, ProgressPrinter, Reporter, Silent, render
+from acrrelay.doctor_report import format_table as format_table
 
 __all__ = [
     "Doctor",
@@ -61,60 +76,13 @@ MANIFEST_TYPES = ", ".join(
         "application/vnd.docker.distribution.manifest.v2+json",
     ]
 )
-_REGION = re.compile(
-    r"\.((?:cn|ap|us|eu|me|na)-[a-z0-9-]+?)\.(?:cr\.|personal\.cr\.)?aliyuncs\.com\Z"
-)
 #: How much of a blob the doctor reads: enough to see data flow, not a download.
 FIRST_BYTES = 1024
-#: A read that has taken this long reports its bytes so far (and again this often).
-PROGRESS_EVERY = 1.0
-#: The first line of the relay's own HTTP error bodies (acrrelay.httphead.error_response).
-_RELAY_REFUSAL = re.compile(rb"\Aacrrelay: ([a-z_]+): ?([^\n]*)")
 _CHART_CREDENTIALS = "the chart repository needs credentials: pass --username, --password-stdin"
 _NOT_THE_REGISTRY = (
     "something other than the registry answered (a captive portal or a web proxy?): "
     "check that the name is routed to the registry"
 )
-
-
-class HopFailed(Exception):
-    """A hop failed: ``result`` says what was seen, ``hint`` what to do about it."""
-
-    def __init__(self, result: str, hint: str = "") -> None:
-        super().__init__(result)
-        self.result = result
-        self.hint = hint
-
-
-@attrs.define
-class Hop:
-    name: str
-    host: str
-    status: str = "skipped"  # running, ok, failed, skipped
-    result: str = ""
-    seconds: float = 0.0
-    hint: str = ""
-
-
-class Reporter(Protocol):
-    """Hears about the hops as they run, so a slow one is visibly in progress."""
-
-    def started(self, hop: Hop) -> None: ...
-
-    def progress(self, hop: Hop, text: str) -> None: ...
-
-    def finished(self, hop: Hop) -> None: ...
-
-
-class _Silent:
-    def started(self, hop: Hop) -> None:
-        pass
-
-    def progress(self, hop: Hop, text: str) -> None:
-        pass
-
-    def finished(self, hop: Hop) -> None:
-        pass
 
 
 @attrs.frozen
@@ -132,39 +100,16 @@ class Options:
     timeout: float = 15.0
 
 
-def realm_url(realm: str, query: Mapping[str, str]) -> str:
-    """The token request URL: ``query`` added to the realm's own query string, if any."""
-    parts = urllib.parse.urlsplit(realm)
-    # The realm's own query is kept byte for byte: it is the token service's to read.
-    joined = "&".join(q for q in (parts.query, urllib.parse.urlencode(query)) if q)
-    return urllib.parse.urlunsplit(parts._replace(query=joined, fragment=""))
-
-
-def derive_oss_endpoint(registry: str) -> str | None:
-    """The OSS endpoint a registry host's blobs most likely redirect to."""
-    match = _REGION.search(registry)
-    if match is None:
-        return None
-    region = match.group(1)
-    internal = "-vpc." in registry or registry.split(".")[0].endswith("-vpc")
-    return f"oss-{region}{'-internal' if internal else ''}.aliyuncs.com"
-
-
-@attrs.define
-class _Response:
-    status: int
-    headers: Mapping[str, str]
-    body: bytes
-
-
 class Doctor:
     """Runs the hops for :class:`Options`, telling ``reporter`` as they start and end."""
 
     def __init__(self, options: Options, reporter: Reporter | None = None) -> None:
         self.options = options
         self.hops: list[Hop] = []
-        self._reporter: Reporter = reporter or _Silent()
-        self._context = ssl.create_default_context(cafile=options.ca_file)
+        self._reporter: Reporter = reporter or Silent()
+        self._http = Probe(
+            options.via, options.via_http, options.timeout, options.ca_file, self._progress
+        )
         self._current: Hop | None = None
         self._realm: str | None = None
         self._service: str | None = None
@@ -176,124 +121,10 @@ class Doctor:
 
     # -- plumbing
 
-    def _address(self, host: str, port: int, scheme: str) -> tuple[str, int]:
-        via = self.options.via_http if scheme == "http" else self.options.via
-        if via is None and scheme == "http" and self.options.via is not None:
-            via = (self.options.via[0], 80)
-        return via if via is not None else (host, port)
-
-    def _open(self, host: str, port: int, scheme: str = "https") -> socket.socket:
-        address = self._address(host, port, scheme)
-        try:
-            sock = socket.create_connection(address, timeout=self.options.timeout)
-        except TimeoutError:
-            raise HopFailed(
-                f"no TCP connection to {_hp(*address)} in {self.options.timeout:g}s",
-                f"is {_hp(*address)} reachable from here (firewall, VPN, security group)?",
-            ) from None
-        except OSError as e:
-            raise HopFailed(
-                f"cannot connect to {_hp(*address)}: {e.strerror or e}",
-                f"is the relay running and listening on {_hp(*address)}?"
-                if self.options.via is not None
-                else f"{host} is not reachable from here: use --via RELAY:443",
-            ) from None
-        if scheme == "http":
-            return sock
-        try:
-            return self._context.wrap_socket(sock, server_hostname=host)
-        except ssl.SSLCertVerificationError as e:
-            sock.close()
-            raise HopFailed(
-                f"certificate not trusted for {host}: {e.verify_message}",
-                "pass --ca-file for a private CA; a relay never changes certificates, so the "
-                "name may be routed to the wrong backend"
-                if self.options.via is not None
-                else "pass --ca-file for a private CA",
-            ) from None
-        except ssl.SSLError as e:
-            sock.close()
-            if "UNRECOGNIZED_NAME" in str(e).upper():
-                raise HopFailed(
-                    f"the relay refused {host} (TLS alert unrecognized_name)",
-                    f"{host} is not routed by the relay: add a route for it (or --acr REGION)",
-                ) from None
-            if "INTERNAL_ERROR" in str(e).upper():
-                raise HopFailed(
-                    f"the relay could not reach the backend of {host} (TLS alert internal_error)",
-                    "the relay routes the name but its backend did not answer: see the relay's "
-                    "log for connect_failed / connect_timeout / address_denied",
-                ) from None
-            raise HopFailed(f"TLS handshake with {host} failed: {e}") from None
-        except OSError as e:
-            sock.close()
-            raise HopFailed(
-                f"the connection closed during the TLS handshake with {host}: {e}",
-                "a relay closes without an answer when the client is denied or over a limit",
-            ) from None
-
-    def _fetch(
-        self,
-        url: str,
-        *,
-        method: str = "GET",
-        headers: Mapping[str, str] | None = None,
-        read: int | None = None,
-        progress: bool = False,
-    ) -> _Response:
-        """One request on a fresh connection; the body in full, or its first ``read`` bytes.
-
-        With ``progress``, a read that takes long reports its bytes so far. A plain-HTTP
-        answer written by the relay itself (a refusal) raises HopFailed with its hint.
-        """
-        parts = urllib.parse.urlsplit(url)
-        host = parts.hostname or ""
-        port = parts.port or (443 if parts.scheme == "https" else 80)
-        sock = self._open(host, port, parts.scheme)
-        # The class sets the default port, so Host carries no ":443" (or ":80"): presigned
-        # OSS URLs sign the Host header, and S3-style servers read "name:443" as a bucket.
-        kind = (
-            http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
-        )
-        conn = kind(host, port, timeout=self.options.timeout)
-        conn.sock = sock  # already connected (and TLS-wrapped) through the relay
-        path = parts.path or "/"
-        if parts.query:
-            path += "?" + parts.query
-        try:
-            conn.request(method, path, headers={"User-Agent": "acrrelay-doctor", **(headers or {})})
-            response = conn.getresponse()
-            body = self._read(response, read, progress)
-            answer = _Response(
-                response.status, {k.lower(): v for k, v in response.getheaders()}, body
-            )
-        except (OSError, http.client.HTTPException) as e:
-            raise HopFailed(f"{method} {url} failed: {e}") from None
-        finally:
-            conn.close()
-        if parts.scheme == "http":
-            # Through TLS the relay refuses with an alert; on plain HTTP it answers itself.
-            _raise_for_relay(answer, host, port)
-        return answer
-
-    def _read(self, response: http.client.HTTPResponse, limit: int | None, progress: bool) -> bytes:
-        if limit is None:
-            return response.read()
-        body = bytearray()
-        started = last = time.monotonic()
-        while len(body) < limit:
-            chunk = response.read1(limit - len(body))
-            if not chunk:
-                break
-            body += chunk
-            now = time.monotonic()
-            if progress and now - last >= PROGRESS_EVERY and self._current is not None:
-                last = now
-                self._reporter.progress(
-                    self._current,
-                    f"read {len(body)} of {limit} bytes so far ({now - started:.0f}s)",
-                )
-        return bytes(body)
+    def _progress(self, text: str) -> None:
+        """A long read's progress, told as the running hop's."""
+        if self._current is not None:
+            self._reporter.progress(self._current, text)
 
     @contextlib.contextmanager
     def _hop(self, name: str, host: str) -> Iterator[Hop]:
@@ -326,7 +157,7 @@ class Doctor:
     def run(self) -> list[Hop]:
         registry = self.options.registry
         with self._hop("tls", registry) as hop:
-            hop.result = self._check_tls(registry, 443)
+            hop.result = self._http.tls(registry, 443)
         if self._ok("tls"):
             with self._hop("v2", registry) as hop:
                 hop.result = self._check_v2(registry)
@@ -338,31 +169,11 @@ class Doctor:
         self._chart_hop()
         return self.hops
 
-    def _check_tls(self, host: str, port: int) -> str:
-        with self._open(host, port) as sock:
-            assert isinstance(sock, ssl.SSLSocket)
-            cert = sock.getpeercert() or {}
-            version = sock.version()
-        names = [
-            str(entry[1])
-            for entry in cert.get("subjectAltName", ())
-            if isinstance(entry, tuple) and entry[0] == "DNS"
-        ]
-        expires = cert.get("notAfter")
-        days = ""
-        if isinstance(expires, str):
-            left = ssl.cert_time_to_seconds(expires) - time.time()
-            days = f", expires in {left / 86400:.0f} days"
-            if left < 14 * 86400:
-                days += " (soon!)"
-        shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
-        return f"{version}, certificate for {shown or 'no DNS names'}{days}"
-
     def _check_v2(self, registry: str) -> str:
-        response = self._fetch(f"https://{registry}/v2/")
+        response = self._http.fetch(f"https://{registry}/v2/")
         if response.status == 200:
             return "200: the registry needs no token"
-        challenge = _bearer_challenge(response)
+        challenge = bearer_challenge(response)
         if response.status != 401 or challenge is None:
             raise HopFailed(
                 f"{response.status} with WWW-Authenticate "
@@ -384,7 +195,7 @@ class Doctor:
         port = urllib.parse.urlsplit(self._realm).port or 443
         with self._hop("realm", realm_host) as hop:
             try:
-                hop.result = self._check_tls(realm_host, port)
+                hop.result = self._http.tls(realm_host, port)
             except HopFailed as e:
                 if "not routed by the relay" in e.hint:
                     e.hint = (
@@ -403,44 +214,12 @@ class Doctor:
         if self.options.image:
             name = self.options.image.partition(":")[0].partition("@")[0]
             scope = f"repository:{name}:pull"
-        token, expires = self._request_token(realm, self._service, scope)
+        token, expires = self._http.token(
+            realm, self._service, scope, self.options.username, self.options.password
+        )
         self._scope_token = token
         who = f"as {self.options.username}" if self.options.username else "anonymously"
         return f"token {who}" + (f", expires in {expires}s" if expires else "")
-
-    def _request_token(
-        self, realm: str, service: str | None, scope: str | None
-    ) -> tuple[str, object]:
-        """A token from ``realm`` for ``scope``, and its ``expires_in``; HopFailed if none."""
-        query = {}
-        if service is not None:
-            query["service"] = service
-        if scope is not None:
-            query["scope"] = scope
-        headers = {}
-        if self.options.username is not None:
-            pair = f"{self.options.username}:{self.options.password or ''}".encode()
-            headers["Authorization"] = "Basic " + base64.b64encode(pair).decode()
-        response = self._fetch(realm_url(realm, query), headers=headers)
-        if response.status == 401:
-            raise HopFailed(
-                "401 from the token service",
-                "wrong user or password (Personal Edition needs them even to pull)"
-                if self.options.username
-                else "anonymous access is not allowed: pass --username and --password-stdin",
-            )
-        if response.status != 200:
-            raise HopFailed(f"{response.status} from the token service: {_snippet(response.body)}")
-        try:
-            document = json.loads(response.body)
-        except ValueError:
-            document = None
-        if not isinstance(document, dict):
-            raise HopFailed(f"the token service answered {_snippet(response.body)}")
-        token = document.get("token") or document.get("access_token")
-        if not isinstance(token, str) or not token:
-            raise HopFailed("the token service's answer has no token")
-        return token, document.get("expires_in")
 
     def _image_hops(self) -> None:
         registry = self.options.registry
@@ -524,7 +303,7 @@ class Doctor:
     ) -> dict[str, Any]:
         """One manifest (or index) as a JSON object; anything else is a failed hop."""
         url = f"https://{registry}/v2/{name}/manifests/{reference}"
-        response = self._fetch(url, headers={"Accept": MANIFEST_TYPES, **self._auth()})
+        response = self._http.fetch(url, headers={"Accept": MANIFEST_TYPES, **self._auth()})
         if response.status != 200:
             raise HopFailed(f"{response.status} for {what}", missing_hint)
         try:
@@ -532,15 +311,15 @@ class Doctor:
         except ValueError:  # UnicodeDecodeError too
             kind = response.headers.get("content-type", "no Content-Type")
             raise HopFailed(
-                f"{what} is not JSON ({kind}): {_snippet(response.body)}", _NOT_THE_REGISTRY
+                f"{what} is not JSON ({kind}): {snippet(response.body)}", _NOT_THE_REGISTRY
             ) from None
         if not isinstance(document, dict):
-            raise HopFailed(f"{what} is not a JSON object: {_snippet(response.body)}")
+            raise HopFailed(f"{what} is not a JSON object: {snippet(response.body)}")
         return document
 
     def _blob(self, registry: str) -> str:
         url = f"https://{registry}/v2/{self._image_name}/blobs/{self._layer}"
-        response = self._fetch(url, headers=self._auth(), read=FIRST_BYTES, progress=True)
+        response = self._http.fetch(url, headers=self._auth(), read=FIRST_BYTES, progress=True)
         if response.status in (307, 302, 301, 303, 308):
             location = response.headers.get("location")
             if not location:
@@ -555,7 +334,7 @@ class Doctor:
             self._served_by_registry = True
             return (
                 f"{response.status}: the registry served the blob itself (no OSS redirect); "
-                f"read {len(response.body)} bytes ({_kind(response.body)})"
+                f"read {len(response.body)} bytes ({body_kind(response.body)})"
             )
         raise HopFailed(
             f"{response.status} for the layer {self._layer}",
@@ -567,7 +346,7 @@ class Doctor:
     def _follow(self, location: str) -> str:
         target = urllib.parse.urlsplit(location)
         try:
-            response = self._fetch(
+            response = self._http.fetch(
                 location,
                 headers={"Range": f"bytes=0-{FIRST_BYTES - 1}"},
                 read=FIRST_BYTES,
@@ -588,20 +367,20 @@ class Doctor:
             raise
         if response.status not in (200, 206):
             raise HopFailed(
-                f"{response.status} from OSS: {_snippet(response.body)}",
+                f"{response.status} from OSS: {snippet(response.body)}",
                 "an expired or altered signed URL gives 403: the relay must pass it unchanged",
             )
-        return f"{response.status}, read {len(response.body)} bytes ({_kind(response.body)})"
+        return f"{response.status}, read {len(response.body)} bytes ({body_kind(response.body)})"
 
     def _oss_root(self) -> None:
-        endpoint = _oss_endpoint_of(urllib.parse.urlsplit(self._location or "").hostname)
+        endpoint = oss_endpoint_of(urllib.parse.urlsplit(self._location or "").hostname)
         endpoint = endpoint or derive_oss_endpoint(self.options.registry)
         if endpoint is None:
             self._skip("oss", "-", "cannot tell the OSS endpoint from the registry name")
             return
         with self._hop("oss", endpoint) as hop:
             try:
-                response = self._fetch(f"https://{endpoint}/")
+                response = self._http.fetch(f"https://{endpoint}/")
             except HopFailed as e:
                 if "not routed by the relay" in e.hint:
                     e.hint = (
@@ -609,7 +388,7 @@ class Doctor:
                         "downloads will fail; add it (or --acr REGION)"
                     )
                 raise
-            hop.result = _judge_oss_root(endpoint, response)
+            hop.result = judge_oss_root(endpoint, response)
 
     def _chart_hop(self) -> None:
         chart = self.options.chart
@@ -636,12 +415,16 @@ class Doctor:
     def _check_chart(self, host: str, chart: str) -> str:
         """ChartMuseum's list API for ``chart``, after the Bearer dance helm-acr does."""
         url = f"https://{host}/api/{chart}/charts"
-        response = self._fetch(url)
-        challenge = _bearer_challenge(response)
+        response = self._http.fetch(url)
+        challenge = bearer_challenge(response)
         if response.status == 401 and challenge is not None and challenge.get("realm"):
             try:
-                token, _ = self._request_token(
-                    challenge["realm"], challenge.get("service"), challenge.get("scope")
+                token, _ = self._http.token(
+                    challenge["realm"],
+                    challenge.get("service"),
+                    challenge.get("scope"),
+                    self.options.username,
+                    self.options.password,
                 )
             except HopFailed as e:
                 if e.result.startswith("401 "):
@@ -649,7 +432,7 @@ class Doctor:
                     if not self.options.username:
                         e.hint = _CHART_CREDENTIALS
                 raise
-            response = self._fetch(url, headers={"Authorization": f"Bearer {token}"})
+            response = self._http.fetch(url, headers={"Authorization": f"Bearer {token}"})
         status = response.status
         if status == 200:
             try:
@@ -658,7 +441,7 @@ class Doctor:
                 document = None
             if not isinstance(document, dict):
                 raise HopFailed(
-                    f"200 but not the chart API's JSON: {_snippet(response.body)}",
+                    f"200 but not the chart API's JSON: {snippet(response.body)}",
                     f"is {host} routed to the Enterprise instance?",
                 )
             return f"200 from the chart API: {len(document)} chart(s) in {chart}"
@@ -678,148 +461,13 @@ class Doctor:
                 "(helm push oci://…)",
             )
         raise HopFailed(
-            f"{status} from /api/{chart}/charts: {_snippet(response.body)}",
+            f"{status} from /api/{chart}/charts: {snippet(response.body)}",
             "the chart repository (ChartMuseum) must be enabled on the Enterprise instance; "
             "or use OCI charts (helm push oci://…)",
         )
 
 
-def _bearer_challenge(response: _Response) -> dict[str, str] | None:
-    """The parameters of a ``WWW-Authenticate: Bearer …`` header, or None."""
-    challenge = response.headers.get("www-authenticate", "")
-    if not challenge.lower().startswith("bearer"):
-        return None
-    return dict(re.findall(r'(\w+)="([^"]*)"', challenge))
-
-
-def _judge_oss_root(endpoint: str, response: _Response) -> str:
-    """The oss hop's result for the endpoint root's answer, or HopFailed.
-
-    OSS answers an anonymous ``GET /`` with 403 AccessDenied. S3-compatible stores
-    (moto in the tests, MinIO) list buckets instead: a pass, but named for what it is.
-    """
-    code_match = re.search(rb"<Code>([^<]+)</Code>", response.body)
-    code = code_match.group(1).decode("utf-8", "replace") if code_match else None
-    if response.status == 403 and code == "AccessDenied":
-        return "403 AccessDenied (OSS answers)"
-    if response.status == 200 and b"<ListAllMyBucketsResult" in response.body:
-        return "200 ListAllMyBucketsResult: S3-compatible storage, not OSS, answers"
-    if code is not None:
-        raise HopFailed(
-            f"{response.status} {code}: {_snippet(response.body)}",
-            f"OSS answers an anonymous request to its root with 403 AccessDenied; "
-            f"{code} means {endpoint} or its backend is not healthy: check the route's backend",
-        )
-    raise HopFailed(
-        f"{response.status} but no OSS XML: {_snippet(response.body)}",
-        f"{endpoint} does not look like OSS: is it routed to the right backend?",
-    )
-
-
-def _raise_for_relay(response: _Response, host: str, port: int) -> None:
-    """HopFailed if ``response`` is the relay's own refusal (``acrrelay: <reason>: …``)."""
-    match = _RELAY_REFUSAL.match(response.body)
-    if match is None:
-        return
-    reason = match.group(1).decode()
-    detail = match.group(2).decode("utf-8", "replace").strip()
-    result = f"{response.status} from the relay: {reason}: {detail}"
-    name = host
-    if _oss_endpoint_of(host) not in (None, host):  # a bucket host: route the bucket wildcard
-        name = f"*.{host.partition('.')[2]}"
-    if reason == reasons.NOT_ALLOWED:
-        hint = f"the relay does not route {host}: add {name} to its routes (or --acr REGION)"
-    elif reason == reasons.PORT_NOT_ALLOWED:
-        hint = (
-            f"the relay does not route {host} on port {port}: add {port} to the ports of "
-            f"its route for {name}"
-        )
-    elif reason == reasons.PROTOCOL_NOT_ALLOWED:
-        hint = 'the relay\'s listener does not take plain HTTP: add "http" to its protocols'
-    elif reason in reasons.BACKEND_FAILURES:
-        hint = (
-            f"the relay routes {host} but could not reach its backend ({reason}): check "
-            "that route's backend and the relay's log"
-        )
-    else:
-        hint = f"the relay refused the request ({reason}): see the relay's log"
-    raise HopFailed(result, hint)
-
-
-def _oss_endpoint_of(host: str | None) -> str | None:
-    """oss-R.aliyuncs.com from a redirect host, virtual-hosted (bucket.oss-…) or path-style."""
-    if not host:
-        return None
-    if host.startswith("oss-"):
-        return host
-    rest = host.partition(".")[2]
-    return rest if rest.startswith("oss-") else None
-
-
 _hp = host_port
-
-
-def _snippet(body: bytes) -> str:
-    text = body[:120].decode("utf-8", "replace").replace("\n", " ").strip()
-    return repr(text) if text else "an empty body"
-
-
-def _kind(body: bytes) -> str:
-    return "gzip" if body[:2] == b"\x1f\x8b" else "data"
-
-
-def format_table(hops: list[Hop]) -> str:
-    """The hops as a table, hints under the row they belong to."""
-    header = ["HOP", "HOST", "RESULT", "TIME"]
-    rows = [
-        [
-            hop.name,
-            hop.host,
-            _MARKS[hop.status] + (f": {hop.result}" if hop.result else ""),
-            f"{hop.seconds * 1000:.0f} ms" if hop.status != "skipped" else "",
-        ]
-        for hop in hops
-    ]
-    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(3)]
-    lines = []
-    for row, hop in zip([header, *rows], [None, *hops], strict=True):
-        cells = [cell.ljust(width) for cell, width in zip(row[:3], widths, strict=True)]
-        lines.append("  ".join([*cells, row[3]]).rstrip())
-        if hop is not None and hop.hint:
-            lines.append(f"{'':<{widths[0]}}  hint: {hop.hint}")
-    return "\n".join(lines)
-
-
-_MARKS = {"running": "...", "ok": "ok", "failed": "FAILED", "skipped": "skipped"}
-
-
-class ProgressPrinter:
-    """Reports hops on ``stream`` as they start, progress and end; a terminal gets one
-    updating line, anything else a line per event (so a log shows what hung)."""
-
-    def __init__(self, stream: IO[str]) -> None:
-        self._stream = stream
-        self._tty = stream.isatty()
-
-    def _line(self, hop: Hop, text: str) -> None:
-        line = f"{hop.name:<9} {hop.host}: {text}"
-        self._stream.write("\r\x1b[K" + line if self._tty else line + "\n")
-        self._stream.flush()
-
-    def started(self, hop: Hop) -> None:
-        self._line(hop, "checking ...")
-
-    def progress(self, hop: Hop, text: str) -> None:
-        self._line(hop, text)
-
-    def finished(self, hop: Hop) -> None:
-        self._line(hop, _MARKS[hop.status])
-
-    def clear(self) -> None:
-        """Wipe the updating line before the table (a terminal only)."""
-        if self._tty:
-            self._stream.write("\r\x1b[K")
-            self._stream.flush()
 
 
 def main_doctor(options: Options, out: IO[str], *, as_json: bool = False) -> int:
@@ -835,14 +483,5 @@ def main_doctor(options: Options, out: IO[str], *, as_json: bool = False) -> int
     hops = Doctor(options, printer).run()
     if printer is not None:
         printer.clear()
-    failed = [hop for hop in hops if hop.status == "failed"]
-    if as_json:
-        out.write(
-            json.dumps({"hops": [attrs.asdict(h) for h in hops], "ok": not failed}, indent=2) + "\n"
-        )
-    else:
-        out.write(format_table(hops) + "\n")
-        out.write(
-            f"\n{len(failed)} of {len(hops)} hops failed\n" if failed else "\nevery hop passed\n"
-        )
-    return 1 if failed else 0
+    out.write(render(hops, as_json=as_json))
+    return 1 if any(hop.status == "failed" for hop in hops) else 0
