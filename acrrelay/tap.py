@@ -18,6 +18,7 @@ from twisted.internet.interfaces import IListeningPort
 from twisted.python import usage
 
 from acrrelay.config import ConfigError, Overlay, load_config
+from acrrelay.configvalues import read_toml
 from acrrelay.service import ProcessReactor, RelayService, SignalledRelayService
 from acrrelay.workers import WorkerPool
 
@@ -80,7 +81,7 @@ def makeService(options: Options, reactor: ProcessReactor | None = None) -> ISer
     if reactor is None:
         reactor = global_reactor()
     path, overlay = options["config"], options.overlay()
-    if path is not None:  # a file with a [gateway] table runs the gateway role
+    if path is not None and _runs_gateway(path):  # a [gateway] table: the gateway role
         from acrrelay.gateway.service import gateway_service_for
 
         gateway = gateway_service_for(path, overlay, reactor)
@@ -117,3 +118,12 @@ class _Ports:
 
     def __iter__(self) -> Iterator[IListeningPort]:
         return iter(self._service.ports)
+
+
+def _runs_gateway(path: str) -> bool:
+    """Whether the file at ``path`` has a ``[gateway]`` table (an unreadable file is the
+    relay's to report, as before)."""
+    try:
+        return "gateway" in read_toml(path)
+    except ConfigError:
+        return False

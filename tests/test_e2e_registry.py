@@ -174,7 +174,9 @@ def test_skopeo_pushes_and_pulls_a_big_layer_through_the_relay(
     home = tmp_path / "home"
     size = image.layer_size
     mib = size / MiB
-    reference = f"docker://{IMAGE}:big"
+    # A repository of its own: the layer must really go up, whatever other tests pushed
+    # into the world's shared repositories before (a registry skips a blob it has).
+    reference = f"docker://{REGISTRY}/{USER}/relay-push:big"
     first_id = _next_id(world)
 
     result = _login(world, home)

@@ -27,7 +27,6 @@ from twisted.logger import ILogObserver, LogEvent, Logger
 from twisted.python.failure import Failure
 
 from acrrelay.accesslog import AccessLog
-from acrrelay.admin.ssh import KeyFileError, host_key, make_ssh_factory, read_authorized_keys
 from acrrelay.backends import BackendConnector
 from acrrelay.config import ConfigError, ListenerConfig, RelayConfig, format_duration
 from acrrelay.gateway.app import GatewayHandler
@@ -235,6 +234,14 @@ class GatewayService(MultiService):
         )
 
     def _bind_shell(self, endpoint: str) -> None:
+        # conch imports the global reactor: only a configured shell may pay for that.
+        from acrrelay.admin.ssh import (
+            KeyFileError,
+            host_key,
+            make_ssh_factory,
+            read_authorized_keys,
+        )
+
         admin = self.config.admin
         try:
             assert admin.authorized_keys is not None
