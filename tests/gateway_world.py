@@ -29,6 +29,8 @@ redirects, the token service, moto on OSS's names) as the region side, and adds:
   on the gateway's upstream hop (``start_gateway(proxy=...)``: slow it, reset it at a
   byte, refuse it); ``start_gateway(cache_tmpfs=N)`` puts the store on a tmpfs of N bytes
   in the gateway's own mount namespace (``GatewayProcess.seen()`` looks inside).
+- **reloads**: ``GatewayProcess.reload(cache_size=..., listen=...)`` rewrites the config
+  file and sends SIGHUP to the gateway's PID.
 
 Fixtures (``tests.e2e_fixtures``): ``gateway_world`` (session), ``gateway`` (a fresh
 gateway per test), ``gateway_image`` (the big image as ``IMAGE:gateway``),
@@ -42,8 +44,10 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
 import re
 import shutil
+import signal
 import socket
 import struct
 import subprocess
@@ -221,6 +225,26 @@ class GatewayProcess:
 
     def rss(self) -> int:
         return int(psutil.Process(self.pid).memory_info().rss)
+
+    def reload(self, *, listen: str | None = None, **gateway: str | int) -> int:
+        """Rewrite the config file with these ``[gateway]`` keys added or changed (and the
+        listener's endpoint, if ``listen``), then send SIGHUP to the gateway's PID. Returns
+        the output line to wait for the answer from (``output.wait_line(..., start=it)``)."""
+        text = self.config_path.read_text()
+        if listen is not None:
+            line = f"endpoint = {_toml_string(listen)}"
+            text = re.sub(r'(?m)^endpoint = "tcp:443:[^"]*"$', lambda _: line, text)
+        head, _, table = text.partition("\n[gateway]\n")
+        settings = dict(line.split(" = ", 1) for line in table.splitlines() if line)
+        settings.update({key: _toml_value(value) for key, value in gateway.items()})
+        lines = [head, "", "[gateway]", *(f"{k} = {v}" for k, v in settings.items())]
+        # Atomically: a reload never reads half a file.
+        new = self.config_path.with_suffix(".new")
+        new.write_text("\n".join(lines) + "\n")
+        new.replace(self.config_path)
+        start = len(self.output.lines)
+        os.kill(self.pid, signal.SIGHUP)
+        return start
 
 
 # ---------------------------------------------------------------- the world

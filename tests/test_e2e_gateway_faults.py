@@ -1,5 +1,6 @@
-"""End to end: the gateway under faults, a small disk and a slow reader (issue 11's
-"Integrity", "Faults", "Disk" and "Slow reader").
+"""End to end: the gateway under faults, a small disk, a slow reader and reloads (issue
+11's "Integrity", "Faults", "Disk", "Slow reader" and "A reload changes limits without
+cutting a transfer").
 
 Faults on the gateway-to-relay hop come from a :class:`FaultProxy` (it slows the hop and
 resets it at a given byte, decided in its forwarding thread, so a cut falls mid-download
@@ -17,8 +18,9 @@ from typing import Any
 
 import pytest
 
+from acrrelay.gateway.config import DEFAULT_CACHE_SIZE
 from tests.e2e_support import MiB
-from tests.gateway_world import GatewayProcess, GatewayWorld
+from tests.gateway_world import GatewayProcess, GatewayWorld, listening
 from tests.https_fetch import Fetch
 from tests.registry_world import (
     BUCKET,
@@ -273,3 +275,108 @@ def test_a_slow_reader_slows_only_itself(
     record_property("rss_growth_mib", round(growth / MiB, 1))
     print(f"\nslow reader: seven fast in {fast_seconds:.1f}s, RSS +{growth / MiB:.1f} MiB")
     assert growth <= 16 * MiB, f"gateway RSS grew {growth / MiB:.1f} MiB"
+
+
+#: A slow reader of the ~200 MiB layer takes about ten seconds: a reload lands mid-way.
+SLOW_RATE = 20e6
+
+
+def _slow_read(
+    gw: GatewayWorld, image: LocalImage, token: str
+) -> tuple[threading.Thread, list[Fetch]]:
+    """A read of the layer at ``SLOW_RATE`` in a thread, once its response head arrived."""
+    head = threading.Event()
+    threads, results = _in_threads(
+        [
+            lambda: gw.fetch(
+                "GET", _blob(image), token=token, rate=SLOW_RATE, started=head, timeout=300
+            )
+        ]
+    )
+    assert head.wait(60), "no response head"
+    return threads[0], results
+
+
+def _reload_answer(gateway: GatewayProcess, start: int) -> str:
+    """The gateway's log line answering the SIGHUP sent at output line ``start``."""
+    index = gateway.output.wait_line(
+        lambda line: "] reloaded " in line or "reload rejected" in line, start, timeout=60
+    )
+    return gateway.output.lines[index]
+
+
+def _whole(gw: GatewayWorld, image: LocalImage, results: list[Fetch]) -> None:
+    assert len(results) == 1, results
+    got = results[0]
+    assert got.status == 200 and got.complete and got.error is None, (got, gw.diagnostics())
+    assert got.size == image.layer_size and got.digest == image.layer_digest, got
+
+
+def test_a_reload_changes_the_cap_and_proof_time_without_cutting_a_transfer(
+    gateway_world: GatewayWorld, gateway_image: LocalImage
+) -> None:
+    """A SIGHUP with a cap smaller than the layer and ``proof_ttl = "0s"`` lands while a
+    slow client reads the stored layer: that transfer ends whole and correct; the new cap
+    is in force (the metric; the layer evicted once its reader let go; the next request a
+    ``too_large`` bypass, still served) and so is the new proof time (a new credential is
+    proven upstream on every request, not once)."""
+    gw, image = gateway_world, gateway_image
+    gateway = gw.start_gateway()
+    token = _token(gw)
+    got = gw.fetch("GET", _blob(image), token=token, timeout=300)
+    assert got.complete and got.digest == image.layer_digest, (got, gw.diagnostics())
+    _wait(lambda: gateway.blob_path(image.layer_digest).exists(), "the layer stored")
+    assert gateway.metric("acrrelay_gateway_store_cap_bytes") == DEFAULT_CACHE_SIZE
+
+    reader, results = _slow_read(gw, image, token)
+    answer = _reload_answer(gateway, gateway.reload(cache_size="100MiB", proof_ttl="0s"))
+    assert "] reloaded " in answer, answer
+    # Its reader holds the layer: it is evicted only when that transfer ends.
+    assert gateway.blob_path(image.layer_digest).exists()
+    assert reader.is_alive(), "the transfer ended before the reload: nothing was pinned"
+    assert gateway.metric("acrrelay_gateway_store_cap_bytes") == 100 * MiB
+    reader.join(300)
+    _whole(gw, image, results)
+    assert gateway.metric("acrrelay_gateway_requests_total", cache="hit") == 1
+
+    _wait(lambda: not gateway.blob_path(image.layer_digest).exists(), "the layer evicted")
+    assert gateway.metric("acrrelay_gateway_store_evictions_total") == 1
+    got = gw.fetch("GET", _blob(image), token=token, timeout=300)
+    assert got.complete and got.digest == image.layer_digest, (got, gw.diagnostics())
+    assert gateway.metric("acrrelay_gateway_requests_total", cache="bypass") == 1
+    assert gateway.metric("acrrelay_gateway_store_events_total", event="too_large") == 1
+
+    fresh = gw.world.mint_token(USER, [f"repository:{IMAGE_REPOSITORY}:pull"], lifetime=900)
+    before = gateway.metric("acrrelay_gateway_proofs_total", outcome="ok")
+    for _ in range(2):
+        got = gw.fetch("HEAD", _blob(image), token=fresh)
+        # Proven, then not stored: the registry's own answer (a redirect to OSS) passes.
+        assert got.status == 307, (got, gw.diagnostics())
+    assert gateway.metric("acrrelay_gateway_proofs_total", outcome="ok") - before == 2
+
+
+def test_a_reload_that_moves_the_listener_is_refused_and_cuts_nothing(
+    gateway_world: GatewayWorld, gateway_image: LocalImage
+) -> None:
+    """A SIGHUP whose file moves the listener (and shrinks the cap) while a slow client
+    reads the layer through a cold gateway is refused, and says so in the log: the
+    previous configuration stays (listener, cap), the transfer ends whole and correct, and
+    the next request is served from the store."""
+    gw, image = gateway_world, gateway_image
+    gateway = gw.start_gateway()
+    token = _token(gw)
+    reader, results = _slow_read(gw, image, token)
+    moved = f"tcp:8443:interface={gw.address}"
+    answer = _reload_answer(gateway, gateway.reload(listen=moved, cache_size="100MiB"))
+    assert "reload rejected" in answer and "needs a restart" in answer, answer
+    assert reader.is_alive(), "the transfer ended before the reload: nothing was pinned"
+    assert gateway.metric("acrrelay_gateway_store_cap_bytes") == DEFAULT_CACHE_SIZE
+    assert listening(gw.address, 443) and not listening(gw.address, 8443)
+    reader.join(300)
+    _whole(gw, image, results)
+    assert gateway.alive()
+
+    _wait(lambda: gateway.blob_path(image.layer_digest).exists(), "the layer stored")
+    got = gw.fetch("GET", _blob(image), token=token, timeout=300)
+    assert got.complete and got.digest == image.layer_digest, (got, gw.diagnostics())
+    assert gateway.metric("acrrelay_gateway_requests_total", cache="hit") == 1
