@@ -29,6 +29,8 @@ def ipv4_unmapped(address: IPAddress) -> IPAddress:
 def unmapped_host(host: str) -> str:
     """``host`` with an IPv4-mapped IPv6 address written as IPv4; anything else (a name,
     another address, one with a zone id) exactly as given."""
+    if ":" not in host:
+        return host  # IPv4 or a name: only IPv6 text can be a mapped address (and parsing costs)
     try:
         address = ipaddress.ip_address(host)
     except ValueError:
