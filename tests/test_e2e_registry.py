@@ -35,10 +35,10 @@ from tests.registry_world import (
     SERVICE,
     USER,
     ClientNamespace,
-    LocalImage,
     RegistryWorld,
     build_oci_image,
     https_request,
+    layer_bytes_from_env,
     sha256_file,
     sweep_leftovers,
 )
@@ -162,7 +162,6 @@ def test_skopeo_login_with_a_wrong_password_fails(
 
 def test_skopeo_pushes_and_pulls_a_big_layer_through_the_relay(
     registry_world: RegistryWorld,
-    registry_image: LocalImage,
     tmp_path: Path,
     record_property: Any,
 ) -> None:
@@ -170,12 +169,15 @@ def test_skopeo_pushes_and_pulls_a_big_layer_through_the_relay(
     through the relay: the pulled layer's sha256 equals the pushed one, the pull's bytes
     came from OSS by the redirect, and the access log shows registry, token service and
     OSS, each with connections that finished cleanly, and no refusal or failure."""
-    world, image = registry_world, registry_image
+    # A layer of its own, in a repository of its own: the layer must really go up. The
+    # session's shared image may already be in the registry (other tests push it), and
+    # skopeo, as root, remembers where it saw a blob machine-wide and mounts it from
+    # there instead of uploading it.
+    world = registry_world
+    image = build_oci_image(tmp_path / "image", layer_bytes_from_env(), tag="big", seed=31)
     home = tmp_path / "home"
     size = image.layer_size
     mib = size / MiB
-    # A repository of its own: the layer must really go up, whatever other tests pushed
-    # into the world's shared repositories before (a registry skips a blob it has).
     reference = f"docker://{REGISTRY}/{USER}/relay-push:big"
     first_id = _next_id(world)
 
