@@ -35,6 +35,23 @@ class ListenError(Exception):
     """A listener could not be bound. The message names the endpoint and the reason."""
 
 
+class ExitsOnListenError(Service):
+    """For a service a process runs (``twist``): a listener that cannot bind is one line on
+    stderr and a non-zero exit, not a traceback. Mixed in before the service class."""
+
+    def privilegedStartService(self) -> None:
+        try:
+            super().privilegedStartService()
+        except ListenError as e:
+            raise SystemExit(f"acrrelay: {e}") from None
+
+    def startService(self) -> None:
+        try:
+            super().startService()
+        except ListenError as e:
+            raise SystemExit(f"acrrelay: {e}") from None
+
+
 class ListeningService(Service):
     """One listening port, bound by ``bind`` (which raises :class:`ListenError`)."""
 

@@ -37,7 +37,7 @@ from acrrelay.admin.shell import namespace
 from acrrelay.config import RELAY_SETTINGS, ConfigError, ListenerConfig, RelayConfig
 from acrrelay.drain import Clock, Drain, cut_all
 from acrrelay.limits import connections_for, local_addresses, own_endpoints, raise_fd_limit
-from acrrelay.listening import ListenError, ListeningService, listen_now
+from acrrelay.listening import ExitsOnListenError, ListenError, ListeningService, listen_now
 from acrrelay.metrics import metrics_site
 from acrrelay.peek import RelayFactory
 from acrrelay.relay import AccessObserver, Relay
@@ -361,7 +361,7 @@ class RelayService(MultiService):
         return port
 
 
-class SignalledRelayService(RelayService):
+class SignalledRelayService(ExitsOnListenError, RelayService):
     """The relay as a process runs it (``twist``, a worker): a start-up failure is one line
     on stderr and a non-zero exit; SIGHUP reloads; SIGTERM and SIGINT drain and exit 0, and
     a second one while draining cuts what is left."""
@@ -369,17 +369,8 @@ class SignalledRelayService(RelayService):
     #: Told of every SIGHUP and SIGTERM too: the worker pool, in the main process.
     forward_signal: Callable[[int], None] | None = None
 
-    def privilegedStartService(self) -> None:
-        try:
-            super().privilegedStartService()
-        except ListenError as e:
-            raise SystemExit(f"acrrelay: {e}") from None
-
     def startService(self) -> None:
-        try:
-            super().startService()
-        except ListenError as e:
-            raise SystemExit(f"acrrelay: {e}") from None
+        super().startService()
         signal.signal(signal.SIGHUP, self._on_sighup)
         # After the reactor installs its own handlers: ours drain and exit 0, where the
         # reactor's would end the process by the signal once it stops.

@@ -40,6 +40,7 @@ from acrrelay.gateway.shell import gateway_namespace
 from acrrelay.gateway.store import BlobStore
 from acrrelay.gateway.tls import SNIServerContexts, tls_factory
 from acrrelay.gateway.upstream import Upstream, UpstreamEndpoints, trust_root
+from acrrelay.listening import ExitsOnListenError
 from acrrelay.metrics import metrics_site
 from acrrelay.routing import Door, ListenerPolicy, Policy, Refusal, Route, client_ip
 from acrrelay.service import ListenError
@@ -387,20 +388,12 @@ def gateway_service_for(path: str, overlay: Any, reactor: Any) -> GatewayService
         raise SystemExit(f"acrrelay: {e}") from None
 
 
-class _ExitingGatewayService(GatewayService):
-    """As run by twist(d): a start-up failure is one line on stderr and a non-zero exit."""
-
-    def privilegedStartService(self) -> None:
-        try:
-            super().privilegedStartService()
-        except ListenError as e:
-            raise SystemExit(f"acrrelay: {e}") from None
+class _ExitingGatewayService(ExitsOnListenError, GatewayService):
+    """As run by twist(d): a start-up failure is one line on stderr and a non-zero exit;
+    SIGHUP reloads."""
 
     def startService(self) -> None:
-        try:
-            super().startService()
-        except ListenError as e:
-            raise SystemExit(f"acrrelay: {e}") from None
+        super().startService()
         import signal
 
         signal.signal(signal.SIGHUP, lambda *_: self.reactor.callFromThread(self.reload))
